@@ -1,0 +1,130 @@
+"""Check and prepare corpora before a GPU hour is spent on them.
+
+    python data.py validate corpus/*.jsonl                 # every bad line, with its file and line
+    python data.py convert notes/ --output corpus.jsonl     # text files -> JSONL ({"text": ...})
+    python data.py convert book.txt --split_by paragraph --output book.jsonl
+    python data.py python-docs --output demo.jsonl          # a real corpus every CPython carries
+
+Exit codes: 0 all good, 1 validate found bad records, 2 the command could not run.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from utils.corpus import ReadStats, expand_inputs, iter_texts
+from utils.errors import UserError, cli_entry
+
+SPLITS = ("line", "paragraph", "file")
+
+
+def validate(args) -> int:
+    stats = ReadStats()
+    files = expand_inputs(args.files, "files")
+    try:
+        for _ in iter_texts(files, args.text_field, skip_bad_records=True, stats=stats):
+            pass
+    except UserError:
+        if stats.skipped == 0:  # an empty corpus; with bad records we list them below instead
+            raise
+    for problem in stats.problems[: args.max_reports]:
+        print(problem)
+    if len(stats.problems) > args.max_reports:
+        print(f"... and {len(stats.problems) - args.max_reports} more")
+    print(f"{stats.files} files, {stats.samples:,} samples, {stats.characters:,} characters, "
+          f"{stats.skipped} bad records")
+    return 1 if stats.skipped else 0
+
+
+def _text_samples(path: Path, split_by: str):
+    """Samples of one text file, strictly decoded so a bad byte is reported, not replaced."""
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: invalid UTF-8") from None
+    if split_by == "file":
+        pieces = [content]
+    elif split_by == "paragraph":
+        pieces = content.replace("\r\n", "\n").split("\n\n")
+    else:
+        pieces = content.splitlines()
+    return [piece.strip("\n") for piece in pieces if piece.strip()]
+
+
+def write_jsonl_atomically(output: Path, records) -> int:
+    """Write to a temporary file and rename it, so a failure never leaves a half-written output."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    count = 0
+    try:
+        with open(staging, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(staging, output)
+    finally:
+        staging.unlink(missing_ok=True)
+    return count
+
+
+def convert(args) -> int:
+    files = expand_inputs(args.files, "files")
+    output = Path(args.output)
+    if output.resolve() in {f.resolve() for f in files}:
+        raise UserError(f"--output {output} is one of the inputs; choose another file")
+    if output.exists() and not args.overwrite:
+        raise UserError(f"--output {output} exists; pass --overwrite to replace it")
+    records = ({args.text_field: text} for path in files for text in _text_samples(path, args.split_by))
+    count = write_jsonl_atomically(output, records)
+    if count == 0:
+        output.unlink()
+        raise UserError(f"no text found in {', '.join(map(str, files[:3]))}: nothing written")
+    print(f"Wrote {count:,} records from {len(files)} files to {output}")
+    return 0
+
+
+def python_docs(args) -> int:
+    """Python's documentation topics (about 465 K characters), one record per topic."""
+    from pydoc_data.topics import topics
+
+    count = write_jsonl_atomically(Path(args.output), ({"text": topics[name]} for name in sorted(topics)))
+    print(f"Wrote {count} documentation topics to {args.output}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("validate", help="report every bad record of a corpus")
+    check.add_argument("files", nargs="+", help="JSONL or text files, folders, or globs")
+    check.add_argument("--text_field", default="text")
+    check.add_argument("--max_reports", type=int, default=50, help="list at most this many bad records")
+    check.set_defaults(run=validate)
+
+    to_jsonl = commands.add_parser("convert", help="turn text files into JSONL")
+    to_jsonl.add_argument("files", nargs="+", help="text files, folders, or globs")
+    to_jsonl.add_argument("--output", required=True)
+    to_jsonl.add_argument("--split_by", choices=SPLITS, default="line",
+                          help="one record per line, per blank-line paragraph, or per file")
+    to_jsonl.add_argument("--text_field", default="text")
+    to_jsonl.add_argument("--overwrite", action="store_true")
+    to_jsonl.set_defaults(run=convert)
+
+    docs = commands.add_parser("python-docs", help="write Python's own documentation as a JSONL corpus")
+    docs.add_argument("--output", required=True)
+    docs.set_defaults(run=python_docs)
+    return parser
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

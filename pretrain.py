@@ -1,0 +1,60 @@
+"""Causal-LM pretraining under DeepSpeed (ZeRO-2/3), from a tokenizer + model preset or a trained model.
+
+One GPU / one node (all its GPUs):
+    deepspeed pretrain.py --deepspeed ds_configs/zero2.json \
+        --tokenizer_name tok --config_name configs/models/llama-120m.json \
+        --train_files corpus/*.jsonl --block_size 2048 \
+        --per_device_train_batch_size 16 --gradient_accumulation_steps 4 \
+        --learning_rate 5e-4 --warmup_ratio 0.01 --lr_scheduler_type cosine --weight_decay 0.1 \
+        --num_train_epochs 1 --bf16 --gradient_checkpointing --report_to wandb --output_dir out/pt
+Every argument in one JSON file (flags after it override it):
+    deepspeed pretrain.py configs/pretrain_tiny.json
+Many nodes: the same arguments through launch/ (hostfile, no-ssh, SLURM).
+Two CPU ranks, no GPU (tests, laptops): deepspeed --num_gpus 2 pretrain.py ...
+Continued pretraining: --model_name_or_path out/pt instead of --tokenizer_name/--config_name.
+Resume after a crash: add --resume_from_checkpoint last.
+"""
+
+from transformers import Trainer, default_data_collator, set_seed
+
+from utils.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from utils.distributed import finish
+from utils.errors import cli_entry
+from utils.lm_data import pretraining_datasets
+from utils.modeling import build_model, choose_block_size, load_tokenizer, model_config_for
+from utils.training import evaluate_perplexity, resume_checkpoint, train_and_save
+
+
+def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    # ===== 1. tokenizer, and the model config it implies =====
+    set_seed(training_args.seed)
+    resume_from = resume_checkpoint(training_args)
+    tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
+    config = model_config_for(model_args, tokenizer)
+    block_size = choose_block_size(data_args.block_size, config,
+                                   model_args.config_name or model_args.model_name_or_path)
+
+    # ===== 2. data: tokenized once (first process per node), packed into blocks =====
+    data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed,
+                                training_args.main_process_first)
+
+    # ===== 3. model and trainer =====
+    model = build_model(model_args, config)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+    )
+
+    # ===== 4. train, save a plain HF folder, evaluate =====
+    train_and_save(trainer, tokenizer, resume_from)
+    if "validation" in data:
+        evaluate_perplexity(trainer)
+    finish()
+
+
+if __name__ == "__main__":
+    cli_entry(lambda: main(*parse_args((ModelArguments, DataArguments, TrainingArguments))))()

@@ -1,0 +1,16 @@
+# Sourced by demo.sh and test.sh: make (once) and enter the project's virtual environment.
+# Re-installs only when requirements.txt changed since the last install.
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+if ! sha256sum --status -c "$VENV/.requirements.sha256" 2>/dev/null; then
+  echo "Installing requirements into $VENV ..."
+  python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  sha256sum requirements.txt > "$VENV/.requirements.sha256"
+fi
+# Quiet the CPU-only notices and keep WandB local unless the user chose otherwise.
+export WANDB_MODE=${WANDB_MODE:-offline}
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}

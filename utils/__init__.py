@@ -1,0 +1,1 @@
+"""Everything the dstrain entry scripts share."""

@@ -1,0 +1,182 @@
+"""Argument dataclasses shared by the entry scripts, and the one parser they all use.
+
+Every script accepts one JSON file with all its arguments, flags, or both; flags win:
+    deepspeed pretrain.py configs/pretrain_tiny.json --learning_rate 1e-3
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import HfArgumentParser
+
+from utils.distributed import prepare_cpu_ranks
+from utils.errors import UserError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A trained model folder to start from (continued pretraining, fine-tuning)."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder; defaults to model_name_or_path."}
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Model sizes for a new model: a preset in configs/models/ (e.g. tiny, llama-120m), "
+                          "a JSON file with a model_type, or a model folder. Vocab and special ids come from the tokenizer."},
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Override preset values, e.g. 'num_hidden_layers=4,hidden_size=128'."}
+    )
+    pad_vocab_size_to_multiple_of: int = field(
+        default=1, metadata={"help": "Round the vocab size up to this multiple (64 suits GPUs); 1 keeps it exact."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2 (GPU only)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model folder. Off unless you trust its source."}
+    )
+
+    def __post_init__(self):
+        if self.model_name_or_path and self.config_name:
+            raise UserError("give either --model_name_or_path (start from trained weights) or --config_name "
+                            "(a new model), not both")
+        if not self.model_name_or_path and not self.config_name:
+            raise UserError("no model: give --config_name (a preset such as tiny) or --model_name_or_path")
+        self.tokenizer_name = self.tokenizer_name or self.model_name_or_path
+        if not self.tokenizer_name:
+            raise UserError("--tokenizer_name is required with --config_name (train one with tokenizer.py)")
+        if self.pad_vocab_size_to_multiple_of < 1:
+            raise UserError("--pad_vocab_size_to_multiple_of must be at least 1")
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] = field(
+        default_factory=list, metadata={"help": "JSONL or text files, folders, or globs."}
+    )
+    validation_files: list[str] | None = field(
+        default=None, metadata={"help": "Held-out files; without them a split of the training data is held out."}
+    )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of training documents held out when no validation_files (0: none)."}
+    )
+    text_field: str = field(default="text", metadata={"help": "Field holding the text in JSONL records."})
+    block_size: int | None = field(
+        default=None, metadata={"help": "Tokens per training sample; defaults to the model's context (at most 2048)."}
+    )
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Skip malformed records (and report how many) instead of stopping."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes used to tokenize."}
+    )
+    data_cache_dir: str = field(
+        default=os.path.join("~", ".cache", "dstrain", "tokenized"),
+        metadata={"help": "Where tokenized data is kept so the next run with the same inputs reuses it."},
+    )
+
+    def __post_init__(self):
+        if not self.train_files:
+            raise UserError("--train_files is required")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise UserError("--validation_split_percentage must be in [0, 100)")
+        if self.block_size is not None and self.block_size < 2:
+            raise UserError("--block_size must be at least 2")
+        self.data_cache_dir = os.path.expanduser(self.data_cache_dir)
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """HF's TrainingArguments plus the names users' scripts still pass, and the CPU-rank set-up."""
+
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Warmup as a fraction of total steps (kept for older scripts; maps to warmup_steps)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train from scratch even if output_dir already holds checkpoints."}
+    )
+
+    def __post_init__(self):
+        # transformers 5 dropped --warmup_ratio but reads a float warmup_steps < 1 as a ratio.
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        # Users pass the old name; take it as the new one without a deprecation warning each run.
+        if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
+        if prepare_cpu_ranks():
+            config = self.accelerator_config or {}
+            if isinstance(config, str):
+                config = json.loads(config) if config.startswith("{") else json.load(open(config))
+            self.accelerator_config = {**config, "use_configured_state": True}
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            raise UserError(f"invalid training arguments: {str(error).splitlines()[0]}") from None
+        check_deepspeed_config_agrees(self)
+
+
+def check_deepspeed_config_agrees(args: TrainingArguments) -> None:
+    """Stop at start-up, not after the model is built, when the DeepSpeed JSON contradicts the flags.
+
+    HF's own comparison (`trainer_config_process`) has already run; it only raises later.
+    """
+    config = getattr(args, "hf_deepspeed_config", None)
+    if config is None or not config.mismatches:
+        return
+    source = args.deepspeed if isinstance(args.deepspeed, str) else "the DeepSpeed config"
+    clashes = "; ".join(line.lstrip("- ") for line in config.mismatches)
+    raise UserError(f"{source} contradicts the flags: {clashes}. Set those values to \"auto\" or make them agree")
+
+
+def json_to_argv(path: str) -> list[str]:
+    """Turn a JSON run config into flags, so flags given after it override it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a JSON object of arguments")
+    argv = []
+    for key, value in values.items():
+        if key.startswith("_"):  # "_comment": config files explain their arithmetic
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, list):
+            argv.extend(str(item) for item in value)
+        elif isinstance(value, dict):
+            argv.append(json.dumps(value))
+        elif isinstance(value, bool):
+            argv.append(str(value).lower())
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None):
+    """Parse a JSON config (if the first argument is one) followed by overriding flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N before the user's arguments.
+    launcher_flags = [arg for arg in argv[:1] if arg.startswith("--local_rank=")]
+    argv = argv[len(launcher_flags):]
+    if argv and argv[0].endswith(".json"):
+        argv = json_to_argv(argv[0]) + argv[1:]
+    argv = launcher_flags + argv
+    parser = HfArgumentParser(dataclass_types)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:  # HF reports unknown flags this way
+        raise UserError(str(error).splitlines()[0]) from None

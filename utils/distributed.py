@@ -1,0 +1,60 @@
+"""Rank awareness and the CPU-rank set-up, kept in one place.
+
+Ranks other than 0 print nothing but errors; `print0` is how scripts talk to the user.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def launched_on_cpu_ranks() -> bool:
+    """True when a launcher (deepspeed, torchrun) started this process and there is no GPU."""
+    return "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+
+
+def prepare_cpu_ranks() -> bool:
+    """Make HF Trainer + DeepSpeed work on CPU ranks; a no-op where a GPU exists.
+
+    Out of the box accelerate's PartialState gets backend None on CPU ranks, reports
+    world_size 1, and DeepSpeed then fails its batch-size assertion (`--use_cpu` silently
+    drops DeepSpeed instead). Initialising the state ourselves with gloo and telling
+    TrainingArguments to keep it (`use_configured_state`) gives a real multi-rank run.
+    This must happen before TrainingArguments is constructed: it sets up devices in
+    `__post_init__`. Returns True when the caller must set `use_configured_state`.
+    """
+    if not launched_on_cpu_ranks():
+        return False
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return True
+
+
+def finish() -> None:
+    """End a distributed run cleanly.
+
+    ZeRO-3 on CPU ranks sometimes aborted after the work was done ("terminate called
+    without an active exception", 6 of 15 runs); a final barrier and an explicit
+    destroy_process_group made 20 of 20 runs exit cleanly.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,27 @@
+"""One-line errors for bad input: the user sees what is wrong and where, never a traceback."""
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's files or arguments, reported as one line and exit code 2."""
+
+
+def cli_entry(main):
+    """Wrap an entry script's `main` so that a UserError ends the process with one clear line.
+
+    Every rank reports its own error (DESIGN: other ranks print nothing *but* errors); the
+    DeepSpeed launcher then stops the remaining ranks.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            message = " ".join(str(error).split("\n"))
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
