@@ -113,6 +113,9 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
             self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         if not torch.cuda.is_available():
+            if self.bf16 or self.fp16:
+                # HF's own message here suggests --use_cpu, which silently drops DeepSpeed.
+                raise UserError("--bf16/--fp16 need a GPU; on CPU leave them out (CPU runs train in fp32)")
             self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
         if prepare_cpu_ranks():
             config = self.accelerator_config or {}
@@ -175,7 +178,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     if argv and argv[0].endswith(".json"):
         argv = json_to_argv(argv[0]) + argv[1:]
     argv = launcher_flags + argv
-    parser = HfArgumentParser(dataclass_types)
+    # No abbreviations: a mistyped flag such as --learning_rat must fail, not match a longer one.
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # HF reports unknown flags this way

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real corpus every CPython carries, a tokenizer trained on it, and a
+helper that runs the entry scripts as a user would (a subprocess, exit code, stderr)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from utils.corpus import iter_texts  # noqa: E402
+from utils.tokenizer_training import train_bpe_tokenizer  # noqa: E402
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def script_env(**extra) -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO), **extra)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_script(*args, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run `python <args>` in the repo; returns the finished process (output captured)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env or script_env())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_deepspeed(script, *args, ranks=2, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N script ...`: N CPU ranks here, N GPUs where there are some."""
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or script_env())
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The run failed with one `error:` line naming what is wrong, and no traceback."""
+    assert result.returncode != 0, f"expected a failure, got rc 0:\n{result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors, f"no 'error:' line in stderr:\n{result.stderr[-3000:]}"
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def docs_corpus(tmp_path_factory) -> Path:
+    """Python's documentation topics as JSONL: real English prose and code, no download."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "pydoc.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for name in sorted(topics):
+            handle.write(json.dumps({"text": topics[name]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, docs_corpus) -> Path:
+    """A 1,000-token tokenizer trained on the docs corpus, saved in HF format."""
+    out = tmp_path_factory.mktemp("tok")
+    train_bpe_tokenizer(iter_texts([docs_corpus]), vocab_size=1000).save_pretrained(out)
+    return out
