@@ -1,0 +1,47 @@
+"""Every run config and DeepSpeed config the repo ships parses into the arguments it promises."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from utils.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+
+RUN_CONFIGS = sorted((REPO / "configs").glob("pretrain_*.json"))
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.name)
+def test_run_config_parses_and_flags_override_it(config, monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs name paths relative to the repository, as users run them
+    model_args, data_args, training_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments), [str(config.relative_to(REPO)), "--seed", "123"]
+    )
+    written = json.loads(config.read_text())
+    assert training_args.seed == 123
+    assert training_args.learning_rate == written["learning_rate"]
+    assert data_args.train_files == written["train_files"]
+    assert model_args.config_name == written["config_name"]
+    assert training_args.warmup_steps == written["warmup_ratio"]
+    assert training_args.hf_deepspeed_config.config["train_micro_batch_size_per_gpu"] == \
+        written["per_device_train_batch_size"]  # "auto" filled from the flags
+
+
+@pytest.mark.parametrize("config", DS_CONFIGS, ids=lambda p: p.name)
+def test_deepspeed_config_leaves_batch_and_precision_to_the_flags(config):
+    values = json.loads(config.read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert values[key] == "auto", key
+    assert values["bf16"]["enabled"] == "auto"
+    stage = values["zero_optimization"]["stage"]
+    assert stage in (2, 3)
+    if stage == 3:  # without it the final save writes only shards that from_pretrained cannot load
+        assert values["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_offload_config_offloads_optimizer_and_parameters():
+    offload = json.loads((REPO / "ds_configs/zero3_offload.json").read_text())["zero_optimization"]
+    assert offload["offload_optimizer"]["device"] == "cpu"
+    assert offload["offload_param"]["device"] == "cpu"
