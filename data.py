@@ -49,13 +49,14 @@ def _text_samples(path: Path, split_by: str):
         pieces = [content]
     elif split_by == "paragraph":
         pieces = content.replace("\r\n", "\n").split("\n\n")
-    else:
-        pieces = content.splitlines()
+    else:  # only "\n" ends a line, exactly as the training readers see a text file
+        pieces = [line.removesuffix("\r") for line in content.split("\n")]
     return [piece.strip("\n") for piece in pieces if piece.strip()]
 
 
-def write_jsonl_atomically(output: Path, records) -> int:
-    """Write to a temporary file and rename it, so a failure never leaves a half-written output."""
+def write_jsonl_atomically(output: Path, records, what: str) -> int:
+    """Write to a temporary file and rename it, so a failure (or no records at all) never
+    replaces or truncates what the output held before."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     count = 0
@@ -64,6 +65,8 @@ def write_jsonl_atomically(output: Path, records) -> int:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
+        if count == 0:
+            raise UserError(f"no text found in {what}: nothing written")
         os.replace(staging, output)
     finally:
         staging.unlink(missing_ok=True)
@@ -78,10 +81,7 @@ def convert(args) -> int:
     if output.exists() and not args.overwrite:
         raise UserError(f"--output {output} exists; pass --overwrite to replace it")
     records = ({args.text_field: text} for path in files for text in _text_samples(path, args.split_by))
-    count = write_jsonl_atomically(output, records)
-    if count == 0:
-        output.unlink()
-        raise UserError(f"no text found in {', '.join(map(str, files[:3]))}: nothing written")
+    count = write_jsonl_atomically(output, records, ", ".join(map(str, files[:3])))
     print(f"Wrote {count:,} records from {len(files)} files to {output}")
     return 0
 
@@ -90,7 +90,8 @@ def python_docs(args) -> int:
     """Python's documentation topics (about 465 K characters), one record per topic."""
     from pydoc_data.topics import topics
 
-    count = write_jsonl_atomically(Path(args.output), ({"text": topics[name]} for name in sorted(topics)))
+    count = write_jsonl_atomically(Path(args.output), ({"text": topics[name]} for name in sorted(topics)),
+                                   "pydoc_data.topics")
     print(f"Wrote {count} documentation topics to {args.output}")
     return 0
 

@@ -1,11 +1,15 @@
 """Shared fixtures: a real corpus every CPython carries, a tokenizer trained on it, and a
 helper that runs the entry scripts as a user would (a subprocess, exit code, stderr)."""
 
+import io
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,31 @@ def run_script(*args, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedPr
     """Run `python <args>` in the repo; returns the finished process (output captured)."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env or script_env())
+
+
+def run_main_in_process(script: str, *args) -> subprocess.CompletedProcess:
+    """`python <script> <args>` without a new interpreter: the script's `__main__` block runs here with
+    that argv; its exit code, stdout and stderr come back as a subprocess would give them, and an
+    exception that escapes the script is printed as the traceback a real process would show."""
+    argv = [str(REPO / script), *map(str, args)]
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    saved_argv, sys.argv = sys.argv, argv
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as exit_:
+                returncode = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            except Exception:  # noqa: BLE001 - reported like an uncaught error, then asserted on
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def assert_succeeded(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def free_port() -> int:

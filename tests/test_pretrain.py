@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_clean_error, run_deepspeed, run_script
+from conftest import REPO, assert_succeeded, run_deepspeed
 
 STEPS, SAVE_EVERY = 12, 6
 
@@ -29,10 +29,6 @@ def train_flags(tokenizer_dir, corpus, output_dir, cache_dir, **overrides) -> li
 def logged_losses(output_dir: Path) -> dict[int, float]:
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
-
-
-def assert_succeeded(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Every run config and DeepSpeed config the repo ships parses into the arguments it promises."""
 
 import json
-from pathlib import Path
 
 import pytest
 

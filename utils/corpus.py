@@ -43,7 +43,10 @@ def expand_inputs(patterns: list[str], what: str = "--train_files") -> list[Path
             files.append(Path(pattern))
         else:
             raise UserError(f"{what}: file not found: {pattern}")
-    return list(dict.fromkeys(files))  # a file named twice is read once
+    unique: dict[Path, Path] = {}  # a file named twice (by any spelling) is read once, first place kept
+    for path in files:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def _decode_line(raw: bytes, path: Path, line_no: int) -> str:
