@@ -97,12 +97,11 @@ class ReadStats:
     problems: list[str] = field(default_factory=list)
 
 
-def iter_texts(files: list[Path], text_field: str = "text", skip_bad_records: bool = False,
-               stats: ReadStats | None = None):
-    """Yield every non-empty sample: a JSONL record's text field, or a line of a text file.
+def iter_parsed_lines(files: list[Path], parse, skip_bad_records: bool = False, stats: ReadStats | None = None):
+    """Yield `parse(raw_line, path, line_no)` for every line of every file, None results left out.
 
-    A bad record stops the run with its file and line, unless `skip_bad_records`, in which
-    case it is counted in `stats` and left out. A corpus with no text at all is an error.
+    `parse` raises BadRecord for a bad line: that stops the run with its file and line, unless
+    `skip_bad_records`, in which case it is counted in `stats` and left out.
     """
     stats = stats if stats is not None else ReadStats()
     for path in files:
@@ -110,19 +109,40 @@ def iter_texts(files: list[Path], text_field: str = "text", skip_bad_records: bo
         with open(path, "rb") as handle:
             for line_no, raw in enumerate(handle, start=1):
                 try:
-                    text = _line_text(raw, path, line_no, text_field)
+                    sample = parse(raw, path, line_no)
                 except BadRecord as problem:
                     if not skip_bad_records:
                         raise
                     stats.skipped += 1
                     stats.problems.append(str(problem))
                     continue
-                if text and text.strip():
+                if sample is not None:
                     stats.samples += 1
-                    stats.characters += len(text)
-                    yield text
-    if stats.samples == 0:
-        names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-        if stats.skipped:
-            raise UserError(f"no usable text in {names}: all {stats.skipped} records were bad, first: {stats.problems[0]}")
-        raise UserError(f"no text found in {names}: the corpus is empty")
+                    yield sample
+
+
+def raise_if_nothing_read(files: list[Path], stats: ReadStats, what: str = "text") -> None:
+    if stats.samples:
+        return
+    names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+    if stats.skipped:
+        raise UserError(f"no usable {what} in {names}: all {stats.skipped} records were bad, first: {stats.problems[0]}")
+    raise UserError(f"no {what} found in {names}: the corpus is empty")
+
+
+def iter_texts(files: list[Path], text_field: str = "text", skip_bad_records: bool = False,
+               stats: ReadStats | None = None):
+    """Yield every non-empty sample: a JSONL record's text field, or a line of a text file.
+
+    A corpus with no text at all is an error; bad records as in `iter_parsed_lines`.
+    """
+    stats = stats if stats is not None else ReadStats()
+
+    def parse(raw, path, line_no):
+        text = _line_text(raw, path, line_no, text_field)
+        return text if text and text.strip() else None
+
+    for text in iter_parsed_lines(files, parse, skip_bad_records, stats):
+        stats.characters += len(text)
+        yield text
+    raise_if_nothing_read(files, stats)
