@@ -13,6 +13,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+from utils.chat_data import FORMATS
 from utils.distributed import prepare_cpu_ranks
 from utils.errors import UserError
 
@@ -57,7 +58,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class CorpusArguments:
+    """What every training stage reads: files, a held-out split, bad-record handling, the cache."""
+
     train_files: list[str] = field(
         default_factory=list, metadata={"help": "JSONL or text files, folders, or globs."}
     )
@@ -65,11 +68,7 @@ class DataArguments:
         default=None, metadata={"help": "Held-out files; without them a split of the training data is held out."}
     )
     validation_split_percentage: float = field(
-        default=5.0, metadata={"help": "Percent of training documents held out when no validation_files (0: none)."}
-    )
-    text_field: str = field(default="text", metadata={"help": "Field holding the text in JSONL records."})
-    block_size: int | None = field(
-        default=None, metadata={"help": "Tokens per training sample; defaults to the model's context (at most 2048)."}
+        default=5.0, metadata={"help": "Percent of training records held out when no validation_files (0: none)."}
     )
     skip_bad_records: bool = field(
         default=False, metadata={"help": "Skip malformed records (and report how many) instead of stopping."}
@@ -87,9 +86,51 @@ class DataArguments:
             raise UserError("--train_files is required")
         if not 0 <= self.validation_split_percentage < 100:
             raise UserError("--validation_split_percentage must be in [0, 100)")
+        self.data_cache_dir = os.path.expanduser(self.data_cache_dir)
+
+
+@dataclass
+class DataArguments(CorpusArguments):
+    """Pretraining: plain text packed into fixed blocks."""
+
+    text_field: str = field(default="text", metadata={"help": "Field holding the text in JSONL records."})
+    block_size: int | None = field(
+        default=None, metadata={"help": "Tokens per training sample; defaults to the model's context (at most 2048)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.block_size is not None and self.block_size < 2:
             raise UserError("--block_size must be at least 2")
-        self.data_cache_dir = os.path.expanduser(self.data_cache_dir)
+
+
+@dataclass
+class ChatDataArguments(CorpusArguments):
+    """SFT: conversations with a loss on the assistant replies."""
+
+    data_format: str = field(
+        default="auto", metadata={"help": "messages, sharegpt, alpaca, or auto (detected per record).",
+                                  "choices": list(FORMATS)}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message for conversations that have none."}
+    )
+    max_length: int = field(
+        default=2048, metadata={"help": "Longest conversation in tokens; longer ones are cut after the last "
+                                        "assistant reply that fits (or dropped if the first does not)."}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "Pack several conversations per row of max_length tokens, attention "
+                                         "kept inside each; otherwise pad each batch to its longest."}
+    )
+    preview: int = field(
+        default=0, metadata={"help": "Write the first N processed rows to output_dir/preview.jsonl and stop."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_length < 8:
+            raise UserError("--max_length must be at least 8")
 
 
 @dataclass

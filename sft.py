@@ -1,0 +1,68 @@
+"""Supervised fine-tuning on chat data: full parameters, loss on the assistant replies only.
+
+One node (all its GPUs), ZeRO-3:
+    deepspeed sft.py --deepspeed ds_configs/zero3.json --model_name_or_path out/pt \
+        --train_files sft.jsonl --max_length 2048 --packing true \
+        --learning_rate 1e-5 --num_train_epochs 3 --bf16 --gradient_checkpointing \
+        --report_to wandb --output_dir out/sft
+See exactly which tokens will be trained, before paying for a run (writes out/sft/preview.jsonl):
+    python sft.py --model_name_or_path out/pt --train_files sft.jsonl --preview 5 --output_dir out/sft
+Every argument in one JSON file: deepspeed sft.py configs/sft_demo.json
+Two CPU ranks, no GPU: deepspeed --num_gpus 2 sft.py ...
+
+Data: {"messages": [...]}, ShareGPT {"conversations": [...]} or Alpaca {"instruction", "input",
+"output"} records, detected per record (--data_format to insist). How the loss mask, the length
+limit and packing work: utils/sft_data.py.
+"""
+
+from pathlib import Path
+
+from transformers import Trainer, set_seed
+
+from utils.arguments import ChatDataArguments, ModelArguments, TrainingArguments, parse_args
+from utils.distributed import finish
+from utils.errors import UserError, cli_entry
+from utils.modeling import build_model, context_length, load_tokenizer, model_config_for
+from utils.sft_data import configure_chat_generation, require_chat_template, sft_collator, sft_datasets, write_preview
+from utils.training import evaluate_perplexity, resume_checkpoint, train_and_save
+
+
+def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args: TrainingArguments) -> None:
+    # ===== 1. tokenizer with its chat template, and the model config =====
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
+    require_chat_template(tokenizer, model_args.tokenizer_name)
+    config = model_config_for(model_args, tokenizer)
+    context = context_length(config)
+    if context and data_args.max_length > context:
+        raise UserError(f"--max_length {data_args.max_length} is larger than the model's context ({context})")
+
+    # ===== 2. conversations: checked, tokenized with the assistant mask, fitted, packed =====
+    data = sft_datasets(data_args, tokenizer, training_args.seed, training_args.main_process_first)
+    if data_args.preview:
+        write_preview(data["train"], tokenizer, data_args.preview, Path(training_args.output_dir) / "preview.jsonl")
+        finish()
+        return
+
+    # ===== 3. model and trainer =====
+    resume_from = resume_checkpoint(training_args)
+    model = build_model(model_args, config)
+    configure_chat_generation(model, tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        data_collator=sft_collator(tokenizer, data_args.packing),
+        processing_class=tokenizer,
+    )
+
+    # ===== 4. train, save a plain HF folder (with the chat template), evaluate =====
+    train_and_save(trainer, tokenizer, resume_from)
+    if "validation" in data:
+        evaluate_perplexity(trainer)
+    finish()
+
+
+if __name__ == "__main__":
+    cli_entry(lambda: main(*parse_args((ModelArguments, ChatDataArguments, TrainingArguments))))()
