@@ -4,6 +4,7 @@
     python data.py convert notes/ --output corpus.jsonl     # text files -> JSONL ({"text": ...})
     python data.py convert book.txt --split_by paragraph --output book.jsonl
     python data.py python-docs --output demo.jsonl          # a real corpus every CPython carries
+    python data.py python-docs-chat --output chat.jsonl     # and a small chat set made from it
 
 Exit codes: 0 all good, 1 validate found bad records, 2 the command could not run.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from utils.corpus import ReadStats, expand_inputs, iter_texts
 from utils.errors import UserError, cli_entry
+from utils.python_docs import documentation_chats, documentation_texts
 
 SPLITS = ("line", "paragraph", "file")
 
@@ -88,11 +90,16 @@ def convert(args) -> int:
 
 def python_docs(args) -> int:
     """Python's documentation topics (about 465 K characters), one record per topic."""
-    from pydoc_data.topics import topics
-
-    count = write_jsonl_atomically(Path(args.output), ({"text": topics[name]} for name in sorted(topics)),
-                                   "pydoc_data.topics")
+    records = ({"text": text} for text in documentation_texts())
+    count = write_jsonl_atomically(Path(args.output), records, "pydoc_data.topics")
     print(f"Wrote {count} documentation topics to {args.output}")
+    return 0
+
+
+def python_docs_chat(args) -> int:
+    """Questions and answers drawn from the same documentation, in the messages format."""
+    count = write_jsonl_atomically(Path(args.output), documentation_chats(), "pydoc_data.topics")
+    print(f"Wrote {count} conversations to {args.output}")
     return 0
 
 
@@ -118,6 +125,10 @@ def make_parser() -> argparse.ArgumentParser:
     docs = commands.add_parser("python-docs", help="write Python's own documentation as a JSONL corpus")
     docs.add_argument("--output", required=True)
     docs.set_defaults(run=python_docs)
+
+    chats = commands.add_parser("python-docs-chat", help="write a small chat set made from Python's documentation")
+    chats.add_argument("--output", required=True)
+    chats.set_defaults(run=python_docs_chat)
     return parser
 
 

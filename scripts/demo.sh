@@ -6,6 +6,9 @@
 #   4. pretrain the 2.3M-parameter demo model under DeepSpeed ZeRO-2 on every GPU, or on
 #      2 CPU ranks where there is none (about 4 minutes on 2 cores)
 #   5. print a generation from the trained model
+#   6. make a small chat set from the same documentation and fine-tune on it (chat SFT,
+#      ZeRO-3, packed, loss on the assistant replies only: about 2 minutes on 2 cores)
+#   7. ask the fine-tuned model one question through its chat template
 # Everything lands in out/demo/. NGPU=1 bash scripts/demo.sh picks the number of ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,11 @@ MASTER_PORT=${MASTER_PORT:-$((29500 + RANDOM % 1000))}
 
 python data.py python-docs --output out/demo/corpus.jsonl
 python tokenizer.py --train_files out/demo/corpus.jsonl --output_dir out/demo/tok --vocab_size 4096
-deepspeed --num_gpus "$NGPU" --master_port "$MASTER_PORT" pretrain.py configs/pretrain_demo.json "$@"
+deepspeed --num_gpus "$NGPU" --master_port "$MASTER_PORT" pretrain.py configs/pretrain_demo.json
 echo "----- a generation from out/demo/pt -----"
 python generate.py --model out/demo/pt --prompt "The for statement" --max_new_tokens 60 --temperature 0.7
+
+python data.py python-docs-chat --output out/demo/chat.jsonl
+deepspeed --num_gpus "$NGPU" --master_port "$MASTER_PORT" sft.py configs/sft_demo.json
+echo "----- one chat turn with out/demo/sft -----"
+python generate.py --model out/demo/sft --chat "What does str.upper() do?" --max_new_tokens 60 --temperature 0.3

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from utils.corpus import iter_texts  # noqa: E402
+from utils.python_docs import documentation_texts  # noqa: E402
 from utils.tokenizer_training import train_bpe_tokenizer  # noqa: E402
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -87,12 +88,8 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
 @pytest.fixture(scope="session")
 def docs_corpus(tmp_path_factory) -> Path:
     """Python's documentation topics as JSONL: real English prose and code, no download."""
-    from pydoc_data.topics import topics
-
     path = tmp_path_factory.mktemp("corpus") / "pydoc.jsonl"
-    with open(path, "w", encoding="utf-8") as handle:
-        for name in sorted(topics):
-            handle.write(json.dumps({"text": topics[name]}) + "\n")
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documentation_texts()), encoding="utf-8")
     return path
 
 
