@@ -53,7 +53,7 @@ def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args
         args=training_args,
         train_dataset=data["train"],
         eval_dataset=data.get("validation"),
-        data_collator=sft_collator(tokenizer, data_args.packing),
+        data_collator=sft_collator(tokenizer, data_args.packing, model.config._attn_implementation),
         processing_class=tokenizer,
     )
 

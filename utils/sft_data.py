@@ -17,10 +17,10 @@ Length. A conversation longer than max_length is cut after the last assistant re
 fits whole; one whose first reply does not fit is dropped. Both are counted.
 
 Packing. Conversations are placed into rows of at most max_length tokens (best fit,
-longest first); each row carries position_ids that restart at every conversation. The
-collator concatenates a batch into one padding-free row; transformers' models build a mask
-from the restarting position_ids so attention never crosses a boundary (only when the
-forward pass builds no KV cache: the collator asks for use_cache=False).
+longest first); each row carries position_ids that restart at every conversation, from which
+transformers' models build a mask so attention never crosses a boundary (only when the
+forward pass builds no KV cache: the collator asks for use_cache=False). With flash attention
+the collator flattens a batch into one padding-free row (see PackedRowsCollator).
 """
 
 import bisect
@@ -142,17 +142,34 @@ def packed_rows(examples: Dataset, max_length: int) -> Dataset:
 
 @dataclass
 class PackedRowsCollator:
-    """Concatenate a batch of packed rows into one row, keeping each conversation's position_ids.
+    """Batch packed rows, keeping each conversation's restarting position_ids.
 
-    transformers' DataCollatorWithFlattening does this for unpacked examples but recomputes
-    position_ids per example, which would merge the conversations inside a packed row.
-    Labels of every conversation already start with -100 (the template's opening tokens), so
-    no token is trained to predict the next conversation's first token.
+    With flash attention the batch is flattened into one padding-free row: its kernels take
+    the sequence boundaries from the position_ids, but only for a batch of one row. Other
+    attention kernels (sdpa, eager) get a mask built from the position_ids per row, and cost
+    the square of the row length, so rows stay separate and are padded to the longest; the
+    padding is a segment of its own (positions restart) with labels -100.
+    transformers' DataCollatorWithFlattening is not used: it recomputes position_ids per
+    example, which would merge the conversations inside a packed row.
+    Labels of every conversation start with -100 (the template's opening tokens), so no token
+    is trained to predict the next conversation's first token.
     """
 
+    pad_token_id: int = 0
+    flatten: bool = False
+
     def __call__(self, rows: list[dict]) -> dict:
-        batch = {key: torch.tensor([[v for row in rows for v in row[key]]])
-                 for key in ("input_ids", "labels", "position_ids")}
+        if self.flatten:
+            batch = {key: torch.tensor([[v for row in rows for v in row[key]]])
+                     for key in ("input_ids", "labels", "position_ids")}
+        else:
+            longest = max(len(row["input_ids"]) for row in rows)
+            gap = [longest - len(row["input_ids"]) for row in rows]
+            batch = {
+                "input_ids": torch.tensor([row["input_ids"] + [self.pad_token_id] * n for row, n in zip(rows, gap)]),
+                "labels": torch.tensor([row["labels"] + [IGNORE] * n for row, n in zip(rows, gap)]),
+                "position_ids": torch.tensor([row["position_ids"] + list(range(n)) for row, n in zip(rows, gap)]),
+            }
         # transformers derives the per-conversation mask from the restarting position_ids only
         # when the forward pass creates no KV cache; with a cache, attention would cross
         # conversations. Asking here keeps the guarantee with the packed batch itself.
@@ -160,9 +177,10 @@ class PackedRowsCollator:
         return batch
 
 
-def sft_collator(tokenizer, packing: bool):
+def sft_collator(tokenizer, packing: bool, attn_implementation: str | None = None):
     if packing:
-        return PackedRowsCollator()
+        flash = "flash" in (attn_implementation or "")
+        return PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, flatten=flash)
     # Dynamic padding to the longest conversation of the batch, never to max_length.
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
 
