@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq  # noqa: E402
 
 from utils.chat_data import iter_conversations  # noqa: E402
-from utils.corpus import expand_inputs, iter_texts  # noqa: E402
+from utils.corpus import expand_inputs  # noqa: E402
 from utils.model_config import derive_model_config  # noqa: E402
 from utils.python_docs import documentation_chats, documentation_texts  # noqa: E402
 from utils.sft_data import IGNORE, PackedRowsCollator, fit_to_length, pack_into_rows, tokenize_conversation  # noqa: E402
