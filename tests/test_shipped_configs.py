@@ -5,23 +5,26 @@ import json
 import pytest
 
 from conftest import REPO
-from utils.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from utils.arguments import ChatDataArguments, DataArguments, ModelArguments, TrainingArguments, parse_args
 
-RUN_CONFIGS = sorted((REPO / "configs").glob("pretrain_*.json"))
+RUN_CONFIGS = sorted((REPO / "configs").glob("*.json"))
+DATA_ARGUMENTS = {"pretrain": DataArguments, "sft": ChatDataArguments}  # by the config's name prefix
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.name)
 def test_run_config_parses_and_flags_override_it(config, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs name paths relative to the repository, as users run them
+    data_arguments = DATA_ARGUMENTS[config.name.split("_")[0]]
     model_args, data_args, training_args = parse_args(
-        (ModelArguments, DataArguments, TrainingArguments), [str(config.relative_to(REPO)), "--seed", "123"]
+        (ModelArguments, data_arguments, TrainingArguments), [str(config.relative_to(REPO)), "--seed", "123"]
     )
     written = json.loads(config.read_text())
     assert training_args.seed == 123
     assert training_args.learning_rate == written["learning_rate"]
     assert data_args.train_files == written["train_files"]
-    assert model_args.config_name == written["config_name"]
+    assert model_args.config_name == written.get("config_name")
+    assert model_args.model_name_or_path == written.get("model_name_or_path")
     assert training_args.warmup_steps == written["warmup_ratio"]
     assert training_args.hf_deepspeed_config.config["train_micro_batch_size_per_gpu"] == \
         written["per_device_train_batch_size"]  # "auto" filled from the flags
