@@ -46,7 +46,7 @@ def _turns_from_sharegpt(record: dict, where: str) -> list[dict]:
     for i, message in enumerate(conversation):
         if not isinstance(message, dict) or "from" not in message or "value" not in message:
             raise BadRecord(f"{where}: conversation turn {i} must be an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(message["from"])
+        role = SHAREGPT_ROLES.get(message["from"]) if isinstance(message["from"], str) else None
         if role is None:
             known = ", ".join(SHAREGPT_ROLES)
             raise BadRecord(f"{where}: turn {i} is from unknown speaker '{message['from']}' (known: {known})")
@@ -59,8 +59,11 @@ def _turns_from_alpaca(record: dict, where: str) -> list[dict]:
         if not isinstance(record.get(key), str):
             raise BadRecord(f"{where}: '{key}' must be a string, got {_describe(record.get(key))}")
     prompt = record["instruction"]
-    if isinstance(record.get("input"), str) and record["input"].strip():
-        prompt = f"{prompt}\n\n{record['input']}"
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise BadRecord(f"{where}: 'input' must be a string, got {_describe(extra)}")
+    if extra and extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
     turns = [{"role": "system", "content": record["system"]}] if record.get("system") else []
     return turns + [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
 
