@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from utils.corpus import iter_texts  # noqa: E402
-from utils.python_docs import documentation_texts  # noqa: E402
+from utils.python_docs import documentation_chats, documentation_texts  # noqa: E402
 from utils.tokenizer_training import train_bpe_tokenizer  # noqa: E402
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -99,3 +99,20 @@ def tokenizer_dir(tmp_path_factory, docs_corpus) -> Path:
     out = tmp_path_factory.mktemp("tok")
     train_bpe_tokenizer(iter_texts([docs_corpus]), vocab_size=1000).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A randomly initialised tiny LLaMA with the session tokenizer, saved by init_model.py."""
+    out = tmp_path_factory.mktemp("base") / "model"
+    assert_succeeded(run_script("init_model.py", "--tokenizer_name", tokenizer_dir, "--config_name", "tiny",
+                                "--output_dir", out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> Path:
+    """165 conversations made from Python's documentation, in the messages format."""
+    path = tmp_path_factory.mktemp("chat") / "docs_chat.jsonl"
+    path.write_text("".join(json.dumps(chat) + "\n" for chat in documentation_chats()), encoding="utf-8")
+    return path

@@ -3,29 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, assert_succeeded, run_deepspeed, run_script
-from utils.python_docs import documentation_chats
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tokenizer_dir) -> Path:
-    out = tmp_path_factory.mktemp("base") / "model"
-    assert_succeeded(run_script("init_model.py", "--tokenizer_name", tokenizer_dir, "--config_name", "tiny",
-                                "--output_dir", out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("chat") / "docs_chat.jsonl"
-    path.write_text("".join(json.dumps(chat) + "\n" for chat in documentation_chats()), encoding="utf-8")
-    return path
 
 
 def sft_run(base_model, chat_file, output_dir, stage: int, packing: bool):

@@ -5,22 +5,30 @@ import json
 import pytest
 
 from conftest import REPO
-from utils.arguments import ChatDataArguments, DataArguments, ModelArguments, TrainingArguments, parse_args
+from utils.arguments import (AdapterDataArguments, ChatDataArguments, DataArguments, LoraArguments, ModelArguments,
+                             TrainingArguments, parse_args)
 
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.json"))
-DATA_ARGUMENTS = {"pretrain": DataArguments, "sft": ChatDataArguments}  # by the config's name prefix
+ADAPTER = (ModelArguments, AdapterDataArguments, LoraArguments, TrainingArguments)
+SCRIPT_ARGUMENTS = {  # by the config's name prefix: the dataclasses of the script that reads it
+    "pretrain": (ModelArguments, DataArguments, TrainingArguments),
+    "sft": (ModelArguments, ChatDataArguments, TrainingArguments),
+    "full": (ModelArguments, ChatDataArguments, TrainingArguments),
+    "lora": ADAPTER,
+    "qlora": ADAPTER,
+}
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.name)
 def test_run_config_parses_and_flags_override_it(config, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs name paths relative to the repository, as users run them
-    data_arguments = DATA_ARGUMENTS[config.name.split("_")[0]]
-    model_args, data_args, training_args = parse_args(
-        (ModelArguments, data_arguments, TrainingArguments), [str(config.relative_to(REPO)), "--seed", "123"]
-    )
     written = json.loads(config.read_text())
-    assert training_args.seed == 123
+    # bf16 needs a GPU; the flag after the file turns it off, which is itself the override under test.
+    parsed = parse_args(SCRIPT_ARGUMENTS[config.name.split("_")[0]],
+                        [str(config.relative_to(REPO)), "--seed", "123", "--bf16", "false"])
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
+    assert training_args.seed == 123 and not training_args.bf16
     assert training_args.learning_rate == written["learning_rate"]
     assert data_args.train_files == written["train_files"]
     assert model_args.config_name == written.get("config_name")

@@ -134,6 +134,35 @@ class ChatDataArguments(CorpusArguments):
 
 
 @dataclass
+class LoraArguments:
+    lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA update matrices."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling: the update is multiplied by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Comma list of linear layer names (q_proj,v_proj) or all-linear."}
+    )
+    quantization_bit: int | None = field(
+        default=None, metadata={"help": "4 (QLoRA) or 8: load the frozen base weights quantized (CUDA only)."}
+    )
+    stage: str = field(
+        default="sft", metadata={"help": "sft: chat data, loss on assistant replies; pretrain: plain text "
+                                         "(continued pretraining), packed into blocks.", "choices": ["sft", "pretrain"]}
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise UserError("--lora_r must be at least 1")
+
+
+@dataclass
+class AdapterDataArguments(ChatDataArguments):
+    """LoRA reads chat data (the SFT path) or, with --stage pretrain, plain text."""
+
+    text_field: str = field(default="text", metadata={"help": "--stage pretrain: the text field of JSONL records."})
+    block_size: int | None = field(default=None, metadata={"help": "--stage pretrain: tokens per block."})
+
+
+@dataclass
 class TrainingArguments(transformers.TrainingArguments):
     """HF's TrainingArguments plus the names users' scripts still pass, and the CPU-rank set-up."""
 

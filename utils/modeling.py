@@ -51,12 +51,14 @@ def choose_block_size(requested: int | None, config, where: str) -> int:
     return requested
 
 
-def build_model(model_args, config):
-    """Random init from the config, or the weights in model_name_or_path.
+def build_model(model_args, config, quantization_config=None):
+    """Random init from the config, or the weights in model_name_or_path (quantized for QLoRA).
 
     Under ZeRO-3 transformers creates the weights already partitioned across ranks.
     """
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    if quantization_config is not None:
+        extra["quantization_config"] = quantization_config
     if model_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
                                                      trust_remote_code=model_args.trust_remote_code, **extra)

@@ -1,0 +1,67 @@
+"""LoRA / QLoRA fine-tuning through PEFT: chat SFT by default, continued pretraining with --stage pretrain.
+
+One node, ZeRO-2:
+    deepspeed lora.py --deepspeed ds_configs/zero2.json --model_name_or_path out/pt \
+        --train_files sft.jsonl --lora_r 8 --lora_alpha 32 --lora_dropout 0.1 \
+        --lora_target_modules q_proj,v_proj --learning_rate 1e-4 --output_dir out/lora
+All linear layers: --lora_target_modules all-linear. QLoRA (CUDA GPU + bitsandbytes): --quantization_bit 4.
+Plain text instead of chat: --stage pretrain --block_size 1024 (--text_field as in pretrain.py).
+Every argument in one file: deepspeed lora.py configs/lora_sft.json
+Fold the adapter into a plain model afterwards: python export.py --adapter out/lora --output_dir out/merged
+
+Chat data, masks, length policy and packing are sft.py's (utils/sft_data.py). The output folder
+is a standard PEFT adapter (adapter_config.json, adapter_model.safetensors) with the tokenizer.
+"""
+
+from transformers import Trainer, default_data_collator, set_seed
+
+from utils.arguments import AdapterDataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
+from utils.distributed import finish
+from utils.errors import UserError, cli_entry
+from utils.lm_data import pretraining_datasets
+from utils.lora import apply_lora, quantization_config
+from utils.modeling import build_model, choose_block_size, load_tokenizer, model_config_for
+from utils.sft_data import configure_chat_generation, require_chat_template, sft_collator, sft_datasets
+from utils.training import evaluate_perplexity, resume_checkpoint, train_and_save
+
+
+def main(model_args, data_args, lora_args, training_args) -> None:
+    # ===== 1. tokenizer and the base model's config =====
+    set_seed(training_args.seed)
+    if not model_args.model_name_or_path:
+        raise UserError("LoRA adapts a trained model: give --model_name_or_path")
+    quantization = quantization_config(lora_args.quantization_bit)
+    resume_from = resume_checkpoint(training_args)
+    tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
+    config = model_config_for(model_args, tokenizer)
+
+    # ===== 2. data: chat conversations (as sft.py) or plain text blocks (as pretrain.py) =====
+    if lora_args.stage == "sft":
+        require_chat_template(tokenizer, model_args.tokenizer_name)
+        data = sft_datasets(data_args, tokenizer, training_args.seed, training_args.main_process_first)
+    else:
+        block_size = choose_block_size(data_args.block_size, config, model_args.model_name_or_path)
+        data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed,
+                                    training_args.main_process_first)
+
+    # ===== 3. frozen base model + adapters =====
+    model = build_model(model_args, config, quantization)
+    if lora_args.stage == "sft":
+        configure_chat_generation(model, tokenizer)
+    model = apply_lora(model, lora_args, training_args.activation_checkpointing)
+    collator = (sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
+                if lora_args.stage == "sft" else default_data_collator)
+    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"],
+                      eval_dataset=data.get("validation"), data_collator=collator, processing_class=tokenizer)
+
+    # ===== 4. train, save the adapter (+ tokenizer, generation config), evaluate =====
+    train_and_save(trainer, tokenizer, resume_from)
+    if trainer.is_world_process_zero():
+        model.base_model.model.generation_config.save_pretrained(training_args.output_dir)
+    if "validation" in data:
+        evaluate_perplexity(trainer)
+    finish()
+
+
+if __name__ == "__main__":
+    cli_entry(lambda: main(*parse_args((ModelArguments, AdapterDataArguments, LoraArguments, TrainingArguments))))()
