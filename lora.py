@@ -13,7 +13,7 @@ Chat data, masks, length policy and packing are sft.py's (utils/sft_data.py). Th
 is a standard PEFT adapter (adapter_config.json, adapter_model.safetensors) with the tokenizer.
 """
 
-from transformers import Trainer, default_data_collator, set_seed
+from transformers import default_data_collator, set_seed
 
 from utils.arguments import AdapterDataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
 from utils.distributed import finish
@@ -22,7 +22,7 @@ from utils.lm_data import pretraining_datasets
 from utils.lora import apply_lora, quantization_config
 from utils.modeling import build_model, choose_block_size, load_tokenizer, model_config_for
 from utils.sft_data import configure_chat_generation, require_chat_template, sft_collator, sft_datasets
-from utils.training import evaluate_perplexity, resume_checkpoint, train_and_save
+from utils.training import resume_checkpoint, train_save_evaluate
 
 
 def main(model_args, data_args, lora_args, training_args) -> None:
@@ -51,15 +51,11 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     model = apply_lora(model, lora_args, training_args.activation_checkpointing)
     collator = (sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
                 if lora_args.stage == "sft" else default_data_collator)
-    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"],
-                      eval_dataset=data.get("validation"), data_collator=collator, processing_class=tokenizer)
 
     # ===== 4. train, save the adapter (+ tokenizer, generation config), evaluate =====
-    train_and_save(trainer, tokenizer, resume_from)
-    if trainer.is_world_process_zero():
+    trainer = train_save_evaluate(model, tokenizer, data, collator, training_args, resume_from)
+    if trainer.is_world_process_zero():  # export.py gives the merged model these stop tokens
         model.base_model.model.generation_config.save_pretrained(training_args.output_dir)
-    if "validation" in data:
-        evaluate_perplexity(trainer)
     finish()
 
 

@@ -15,14 +15,14 @@ Continued pretraining: --model_name_or_path out/pt instead of --tokenizer_name/-
 Resume after a crash: add --resume_from_checkpoint last.
 """
 
-from transformers import Trainer, default_data_collator, set_seed
+from transformers import default_data_collator, set_seed
 
 from utils.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from utils.distributed import finish
 from utils.errors import cli_entry
 from utils.lm_data import pretraining_datasets
 from utils.modeling import build_model, choose_block_size, load_tokenizer, model_config_for
-from utils.training import evaluate_perplexity, resume_checkpoint, train_and_save
+from utils.training import resume_checkpoint, train_save_evaluate
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
@@ -38,21 +38,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed,
                                 training_args.main_process_first)
 
-    # ===== 3. model and trainer =====
+    # ===== 3. model =====
     model = build_model(model_args, config)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("validation"),
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-    )
 
     # ===== 4. train, save a plain HF folder, evaluate =====
-    train_and_save(trainer, tokenizer, resume_from)
-    if "validation" in data:
-        evaluate_perplexity(trainer)
+    train_save_evaluate(model, tokenizer, data, default_data_collator, training_args, resume_from)
     finish()
 
 

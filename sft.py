@@ -17,14 +17,14 @@ limit and packing work: utils/sft_data.py.
 
 from pathlib import Path
 
-from transformers import Trainer, set_seed
+from transformers import set_seed
 
 from utils.arguments import ChatDataArguments, ModelArguments, TrainingArguments, parse_args
 from utils.distributed import finish
 from utils.errors import UserError, cli_entry
 from utils.modeling import build_model, context_length, load_tokenizer, model_config_for
 from utils.sft_data import configure_chat_generation, require_chat_template, sft_collator, sft_datasets, write_preview
-from utils.training import evaluate_perplexity, resume_checkpoint, train_and_save
+from utils.training import resume_checkpoint, train_save_evaluate
 
 
 def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args: TrainingArguments) -> None:
@@ -44,23 +44,14 @@ def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args
         finish()
         return
 
-    # ===== 3. model and trainer =====
+    # ===== 3. model, stopping at the end of an assistant turn when it generates =====
     resume_from = resume_checkpoint(training_args)
     model = build_model(model_args, config)
     configure_chat_generation(model, tokenizer)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("validation"),
-        data_collator=sft_collator(tokenizer, data_args.packing, model.config._attn_implementation),
-        processing_class=tokenizer,
-    )
 
     # ===== 4. train, save a plain HF folder (with the chat template), evaluate =====
-    train_and_save(trainer, tokenizer, resume_from)
-    if "validation" in data:
-        evaluate_perplexity(trainer)
+    collator = sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
+    train_save_evaluate(model, tokenizer, data, collator, training_args, resume_from)
     finish()
 
 

@@ -105,8 +105,8 @@ def tokenizer_dir(tmp_path_factory, docs_corpus) -> Path:
 def base_model(tmp_path_factory, tokenizer_dir) -> Path:
     """A randomly initialised tiny LLaMA with the session tokenizer, saved by init_model.py."""
     out = tmp_path_factory.mktemp("base") / "model"
-    assert_succeeded(run_script("init_model.py", "--tokenizer_name", tokenizer_dir, "--config_name", "tiny",
-                                "--output_dir", out))
+    assert_succeeded(run_main_in_process("init_model.py", "--tokenizer_name", tokenizer_dir, "--config_name", "tiny",
+                                         "--output_dir", out))
     return out
 
 

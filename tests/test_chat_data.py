@@ -111,16 +111,10 @@ def preview_run(model: Path, train_file: Path, work: Path, *extra):
         "--validation_split_percentage", "0", *extra)
 
 
-def init_tiny_model(tokenizer: Path, output_dir: Path) -> Path:
+def init_base_model(tokenizer: Path, output_dir: Path) -> Path:
     assert_succeeded(run_main_in_process("init_model.py", "--tokenizer_name", tokenizer, "--config_name", "tiny",
                                          "--output_dir", output_dir))
     return output_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
-    """A random tiny llama saved with the project tokenizer (ChatML template)."""
-    return init_tiny_model(tokenizer_dir, tmp_path_factory.mktemp("model") / "tiny")
 
 
 # ---------------------------------------------------------------- formats
@@ -204,24 +198,24 @@ def test_bad_record_is_named_by_file_and_line(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", BAD_RECORDS)
-def test_sft_cli_stops_on_a_bad_record_with_one_clean_error(tmp_path, tiny_model, case):
+def test_sft_cli_stops_on_a_bad_record_with_one_clean_error(tmp_path, base_model, case):
     """sft.py reports the same bad record as one `error:` line naming file:line, exit code 2, no traceback."""
     record, fragments = BAD_RECORDS[case]
     path = write_jsonl(tmp_path / f"{case}.jsonl", [GOOD, record, GOOD])
-    result = preview_run(tiny_model, path, tmp_path)
+    result = preview_run(base_model, path, tmp_path)
     assert result.returncode == 2
     assert_clean_error(result, f"{path}:2: ", *fragments)
     assert not (tmp_path / "out" / "preview.jsonl").exists()
 
 
-def test_non_string_sharegpt_speaker_is_a_clean_bad_record(tmp_path, tiny_model):
+def test_non_string_sharegpt_speaker_is_a_clean_bad_record(tmp_path, base_model):
     """A ShareGPT `from` that is not a string (here a list) is an unknown speaker: a BadRecord and
     one clean CLI error, not a TypeError traceback."""
     record = {"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Yo."}]}
     path = write_jsonl(tmp_path / "speaker.jsonl", [GOOD, record])
     with pytest.raises(BadRecord, match=r"speaker\.jsonl:2: turn 0 is from unknown speaker"):
         read_all(path)
-    assert_clean_error(preview_run(tiny_model, path, tmp_path), f"{path}:2: ", "unknown speaker")
+    assert_clean_error(preview_run(base_model, path, tmp_path), f"{path}:2: ", "unknown speaker")
 
 
 @pytest.fixture
@@ -246,21 +240,21 @@ def test_skip_bad_records_counts_them_and_keeps_the_good(file_with_bad_records):
     assert [problem.split(": ")[0] for problem in stats.problems] == [f"{path}:{line}" for line in bad_lines]
 
 
-def test_sft_cli_skip_bad_records(tmp_path, tiny_model, file_with_bad_records):
+def test_sft_cli_skip_bad_records(tmp_path, base_model, file_with_bad_records):
     """sft.py stops at the first bad line without --skip_bad_records; with it, the run goes on,
     says how many it skipped, and keeps every good conversation."""
     path, good, bad_lines = file_with_bad_records
-    assert_clean_error(preview_run(tiny_model, path, tmp_path / "strict"), f"{path}:2: ")
-    result = preview_run(tiny_model, path, tmp_path / "skip", "--skip_bad_records", "true")
+    assert_clean_error(preview_run(base_model, path, tmp_path / "strict"), f"{path}:2: ")
+    result = preview_run(base_model, path, tmp_path / "skip", "--skip_bad_records", "true")
     assert_succeeded(result)
     assert f"Skipped {len(bad_lines)} bad records (--skip_bad_records); first: {path}:2: " in result.stdout
     assert f"Conversations: {good} kept, 0 truncated" in result.stdout
 
 
-def test_every_record_bad_is_a_clean_error_even_when_skipping(tmp_path, tiny_model):
+def test_every_record_bad_is_a_clean_error_even_when_skipping(tmp_path, base_model):
     """A file of nothing but bad records leaves nothing to train on: a clean error, even with skipping."""
     path = write_jsonl(tmp_path / "all_bad.jsonl", [BAD_RECORDS["user_only"][0], BAD_RECORDS["ends_with_user"][0]])
-    result = preview_run(tiny_model, path, tmp_path, "--skip_bad_records", "true")
+    result = preview_run(base_model, path, tmp_path, "--skip_bad_records", "true")
     assert_clean_error(result, "no usable conversations", "all 2 records were bad", f"{path}:1: ")
 
 
@@ -275,7 +269,7 @@ def test_model_whose_tokenizer_has_no_chat_template_is_refused(tmp_path, tokeniz
     (plain_tokenizer / "chat_template.jinja").unlink()  # transformers 5 keeps the template here
     assert "chat_template" not in json.loads((plain_tokenizer / "tokenizer_config.json").read_text())
     assert AutoTokenizer.from_pretrained(plain_tokenizer).chat_template is None
-    model = init_tiny_model(plain_tokenizer, tmp_path / "model")
+    model = init_base_model(plain_tokenizer, tmp_path / "model")
     assert not (model / "chat_template.jinja").exists()
 
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD])

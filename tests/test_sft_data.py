@@ -417,15 +417,6 @@ def test_unpacked_collator_pads_to_the_longest_in_the_batch(tok):
 # ---------------------------------------------------------------- sft.py --preview
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
-    """A random tiny llama saved with the project tokenizer, by init_model.py."""
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    assert_succeeded(run_main_in_process("init_model.py", "--tokenizer_name", tokenizer_dir, "--config_name", "tiny",
-                                         "--output_dir", out))
-    return out
-
-
 WORDS = "apple river stone light quick green small table music paper window cloud garden".split()
 
 
@@ -445,13 +436,13 @@ def preview_chats() -> list[list[dict]]:
     return chats
 
 
-def test_preview_writes_the_rows_training_would_see(tmp_path, tok, tiny_model, preview_chats):
+def test_preview_writes_the_rows_training_would_see(tmp_path, tok, base_model, preview_chats):
     """sft.py --preview 2 with packing writes 2 rows of input_ids, labels (-100 where untrained),
     position_ids restarting per conversation, per-token text and the trained text; each conversation
     inside is one from the file, tokenized exactly; nothing is trained or saved."""
     path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat} for chat in preview_chats])
     out = tmp_path / "out"
-    result = run_main_in_process("sft.py", "--model_name_or_path", tiny_model, "--train_files", path,
+    result = run_main_in_process("sft.py", "--model_name_or_path", base_model, "--train_files", path,
                                  "--max_length", "128", "--packing", "true", "--preview", "2", "--output_dir", out,
                                  "--data_cache_dir", tmp_path / "cache", "--validation_split_percentage", "0")
     assert_succeeded(result)

@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from utils.distributed import print0
@@ -32,6 +33,23 @@ def resume_checkpoint(args) -> str | None:
         raise UserError(f"{args.output_dir} already holds {Path(existing).name}: pass --resume_from_checkpoint last "
                         "to continue it, or --overwrite_output_dir to start again")
     return None
+
+
+def train_save_evaluate(model, tokenizer, data, data_collator, args, resume_from: str | None) -> Trainer:
+    """Every stage's last steps: Trainer, train (resuming if asked), save a plain HF folder with the
+    tokenizer, then loss and perplexity on the validation split if there is one."""
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        data_collator=data_collator,
+        processing_class=tokenizer,
+    )
+    train_and_save(trainer, tokenizer, resume_from)
+    if "validation" in data:
+        evaluate_perplexity(trainer)
+    return trainer
 
 
 def train_and_save(trainer, tokenizer, resume_from: str | None) -> None:
