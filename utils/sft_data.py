@@ -42,6 +42,9 @@ from utils.lm_data import split_by_marks
 
 IGNORE = -100
 CACHE_LAYOUT_VERSION = "1"
+# Conversations longer than the model are fitted below; the tokenizer's warning that a sequence
+# exceeds model_max_length would only mislead.
+QUIET = {"verbose": False}
 
 
 def has_generation_markers(tokenizer) -> bool:
@@ -59,14 +62,14 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], l
     """(input_ids, labels) of one conversation; labels are -100 outside the assistant replies."""
     if has_generation_markers(tokenizer):
         encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
+                                                return_assistant_tokens_mask=True, tokenizer_kwargs=QUIET)
         ids = list(encoded["input_ids"])
         return ids, [token if keep else IGNORE for token, keep in zip(ids, encoded["assistant_masks"])]
     return _tokenize_by_prefixes(tokenizer, messages)
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tokenizer_kwargs=QUIET,
                                               add_generation_prompt=add_generation_prompt)["input_ids"])
 
 
