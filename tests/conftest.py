@@ -43,7 +43,9 @@ def run_main_in_process(script: str, *args) -> subprocess.CompletedProcess:
     exception that escapes the script is printed as the traceback a real process would show."""
     argv = [str(REPO / script), *map(str, args)]
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
-    saved_argv, sys.argv = sys.argv, argv
+    # The scripts set process-wide variables (WANDB_DIR, ACCELERATE_USE_DEEPSPEED) as a real run
+    # would; they must not leak into later tests or the subprocesses those start.
+    saved_argv, saved_environ, sys.argv = sys.argv, dict(os.environ), argv
     try:
         with redirect_stdout(stdout), redirect_stderr(stderr):
             try:
@@ -55,11 +57,33 @@ def run_main_in_process(script: str, *args) -> subprocess.CompletedProcess:
                 returncode = 1
     finally:
         sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_environ)
     return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_succeeded(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+PRETRAIN_STEPS, PRETRAIN_SAVE_EVERY = 12, 6
+
+
+def train_flags(tokenizer_dir, corpus, output_dir, cache_dir, **overrides) -> list[str]:
+    """pretrain.py flags for a seconds-long tiny run that still learns (loss logged every step)."""
+    flags = {
+        "tokenizer_name": tokenizer_dir, "config_name": "tiny", "train_files": corpus,
+        "block_size": 64, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+        "learning_rate": 5e-3, "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "weight_decay": 0.1,
+        "max_steps": PRETRAIN_STEPS, "logging_steps": 1, "save_steps": PRETRAIN_SAVE_EVERY, "validation_split_percentage": 10,
+        "report_to": "none", "output_dir": output_dir, "data_cache_dir": cache_dir, "seed": 7,
+    } | overrides
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
 def free_port() -> int:

@@ -10,25 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_succeeded, run_deepspeed
+from conftest import (PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, REPO, assert_succeeded, logged_losses, run_deepspeed,
+                      train_flags)
 
-STEPS, SAVE_EVERY = 12, 6
-
-
-def train_flags(tokenizer_dir, corpus, output_dir, cache_dir, **overrides) -> list[str]:
-    flags = {
-        "tokenizer_name": tokenizer_dir, "config_name": "tiny", "train_files": corpus,
-        "block_size": 64, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-        "learning_rate": 5e-3, "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "weight_decay": 0.1,
-        "max_steps": STEPS, "logging_steps": 1, "save_steps": SAVE_EVERY, "validation_split_percentage": 10,
-        "report_to": "none", "output_dir": output_dir, "data_cache_dir": cache_dir, "seed": 7,
-    } | overrides
-    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
-
-
-def logged_losses(output_dir: Path) -> dict[int, float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+STEPS, SAVE_EVERY = PRETRAIN_STEPS, PRETRAIN_SAVE_EVERY
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@ Ranks other than 0 print nothing but errors; `print0` is how scripts talk to the
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,3 +61,21 @@ def finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def copy_output_to_rank_log() -> None:
+    """Where DSTRAIN_LOG_DIR is set (the launch/ scripts set it), copy this rank's stdout and
+    stderr into <dir>/rank<N>.log, still printing them as before.
+
+    DeepSpeed's own --enable_each_rank_log sends a rank's output only to its file, which would
+    leave the console of an interactive run silent.
+    """
+    log_dir = os.environ.get("DSTRAIN_LOG_DIR")
+    if not log_dir or "RANK" not in os.environ:
+        return
+    path = Path(log_dir) / f"rank{os.environ['RANK']}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=os.dup(stream.fileno()))
+        os.dup2(tee.stdin.fileno(), stream.fileno())

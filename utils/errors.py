@@ -17,6 +17,9 @@ def cli_entry(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from utils.distributed import copy_output_to_rank_log  # torch is imported there; keep errors.py light
+
+        copy_output_to_rank_log()
         try:
             return main(*args, **kwargs)
         except UserError as error:

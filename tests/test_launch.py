@@ -1,0 +1,146 @@
+"""launch/: the same tiny pretraining as one node of 2 ranks, as two nodes of one rank (two
+launchers on this machine, as on two hosts without ssh, and through slurm.sbatch with a stand-in
+srun), pre-flight refusals, and a dying rank ending the job."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_clean_error, assert_succeeded, free_port, logged_losses, script_env, train_flags
+
+LAUNCH = REPO / "launch"
+
+
+def launcher_env(**extra) -> dict:
+    env = script_env(**extra)
+    env["PATH"] = f"{Path(os.sys.executable).parent}:{env['PATH']}"  # deepspeed and python of this venv
+    return env
+
+
+def run_launcher(script, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LAUNCH / script), *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env or launcher_env())
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory, tokenizer_dir, docs_corpus):
+    cache = tmp_path_factory.mktemp("launch-cache")
+    return lambda output_dir, **overrides: ["--deepspeed", REPO / "ds_configs/zero2.json",
+                                            *train_flags(tokenizer_dir, docs_corpus, output_dir, cache, **overrides)]
+
+
+@pytest.fixture(scope="module")
+def single_node_run(tmp_path_factory, flags):
+    output_dir = tmp_path_factory.mktemp("single") / "out"
+    result = run_launcher("single_node.sh", "pretrain.py", *flags(output_dir), env=launcher_env(NGPU="2"))
+    assert_succeeded(result)
+    return output_dir
+
+
+def test_single_node_keeps_a_log_per_rank(single_node_run):
+    logs = sorted((single_node_run / "logs").glob("rank*.log"))
+    assert [log.name for log in logs] == ["rank0.log", "rank1.log"]
+    assert "Data: train" in logs[0].read_text()  # rank 0 talks; rank 1 prints nothing but errors
+
+
+def two_nodes(flags, output_dir, **extra_env):
+    """Two no_ssh launchers side by side: node 0 and node 1 of one rank each, meeting over loopback."""
+    port = str(free_port())
+    common = dict(NNODES="2", NGPU="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
+    nodes = [subprocess.Popen(["bash", str(LAUNCH / "no_ssh.sh"), "pretrain.py", *map(str, flags(output_dir))],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=launcher_env(NODE_RANK=str(rank), **common)) for rank in (0, 1)]
+    return [subprocess.CompletedProcess(node.args, node.wait(timeout=600), *node.communicate()) for node in nodes]
+
+
+def test_two_nodes_of_one_rank_match_one_node_of_two(tmp_path, flags, single_node_run):
+    output_dir = tmp_path / "out"
+    for node in two_nodes(flags, output_dir):
+        assert_succeeded(node)
+    assert sorted(p.name for p in (output_dir / "logs").glob("rank*.log")) == ["rank0.log", "rank1.log"]
+    single, multi = logged_losses(single_node_run), logged_losses(output_dir)
+    assert sorted(multi) == sorted(single)
+    for step in single:
+        assert multi[step] == pytest.approx(single[step], abs=1e-4), (step, single, multi)
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for SLURM's srun on one machine: runs the task once per node of the allocation,
+# with SLURM_NODEID set, and fails if any node fails (as --kill-on-bad-exit would).
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def test_slurm_script_derives_nodes_master_and_ranks(tmp_path, flags, single_node_run):
+    """slurm.sbatch run as SLURM would run it on a 2-node allocation (a stand-in srun, no scontrol)."""
+    srun = tmp_path / "srun"
+    srun.write_text(FAKE_SRUN)
+    srun.chmod(0o755)
+    output_dir = tmp_path / "out"
+    env = launcher_env(SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="127.0.0.1,node-b", SLURM_GPUS_ON_NODE="1",
+                       SLURM_SUBMIT_DIR=str(REPO), SRUN=str(srun), MASTER_PORT=str(free_port()))
+    result = run_launcher("slurm.sbatch", "pretrain.py", *flags(output_dir), env=env)
+    assert_succeeded(result)
+    assert logged_losses(output_dir) == pytest.approx(logged_losses(single_node_run), abs=1e-4)
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    ("missing_entry", "entry script not found"),
+    ("contradicting_config", "train_batch_size is 64"),
+    ("unwritable_output", "is not writable"),
+    ("bad_hostfile", "expected 'hostname slots=N'"),
+])
+def test_preflight_refuses_a_job_that_cannot_work(tmp_path, flags, setup, fragment):
+    entry, env, output_dir = "pretrain.py", launcher_env(NGPU="2"), tmp_path / "out"
+    script = "single_node.sh"
+    extra = []
+    if setup == "missing_entry":
+        entry = "pretrian.py"
+    elif setup == "contradicting_config":
+        config = json.loads((REPO / "ds_configs/zero2.json").read_text()) | {"train_batch_size": 64}
+        (tmp_path / "ds.json").write_text(json.dumps(config))
+        extra = ["--deepspeed", tmp_path / "ds.json"]
+    elif setup == "unwritable_output":
+        (tmp_path / "file").write_text("not a folder")
+        output_dir = tmp_path / "file" / "out"
+    else:
+        (tmp_path / "hosts").write_text("node-a slots=1\nnode-b 1\n")
+        script, env = "multi_node.sh", launcher_env(HOSTFILE=str(tmp_path / "hosts"))
+    started = time.monotonic()
+    result = run_launcher(script, entry, *flags(output_dir), *extra, env=env)
+    assert_clean_error(result, fragment)
+    assert time.monotonic() - started < 60
+
+
+def test_a_killed_rank_ends_the_job_promptly(tmp_path, flags):
+    """SIGKILL one rank mid-run: the launcher stops the other and exits non-zero within seconds."""
+    output_dir = tmp_path / "out"
+    job = subprocess.Popen(["bash", str(LAUNCH / "single_node.sh"), "pretrain.py",
+                            *map(str, flags(output_dir, max_steps=100000, save_steps=100000))],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=launcher_env(NGPU="2"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (output_dir / "logs" / "rank1.log").exists() or "it/s" not in (output_dir / "logs" / "rank0.log").read_text():
+            assert time.monotonic() < deadline and job.poll() is None, "training never started"
+            time.sleep(1)
+        rank1 = subprocess.run(["pgrep", "-f", "-n", "pretrain.py --local_rank=1"], capture_output=True, text=True)
+        os.kill(int(rank1.stdout.split()[0]), signal.SIGKILL)
+        killed = time.monotonic()
+        returncode = job.wait(timeout=60)
+        assert returncode != 0
+        assert time.monotonic() - killed < 30
+        assert subprocess.run(["pgrep", "-f", "pretrain.py --local_rank="]).returncode == 1  # no survivors
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
