@@ -27,7 +27,8 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 def script_env(**extra) -> dict:
     env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO), **extra)
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    for inherited in ("CUDA_VISIBLE_DEVICES", "WANDB_DIR"):  # each run decides these for itself
+        env.pop(inherited, None)
     return env
 
 

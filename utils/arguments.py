@@ -193,7 +193,8 @@ class TrainingArguments(transformers.TrainingArguments):
                 config = json.loads(config) if config.startswith("{") else json.load(open(config))
             self.accelerator_config = {**config, "use_configured_state": True}
         # WandB writes its run files (offline runs included) beside the run, not into the cwd.
-        os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(self.output_dir or ".")))
+        if "wandb" in (self.report_to if isinstance(self.report_to, list) else [self.report_to or ""]):
+            os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(self.output_dir or ".")))
         try:
             super().__post_init__()
         except ValueError as error:
