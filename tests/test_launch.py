@@ -129,9 +129,14 @@ def test_a_killed_rank_ends_the_job_promptly(tmp_path, flags):
                             *map(str, flags(output_dir, max_steps=100000, save_steps=100000))],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=launcher_env(NGPU="2"), start_new_session=True)
+    logs = [output_dir / "logs" / f"rank{rank}.log" for rank in (0, 1)]
+
+    def training_started() -> bool:  # each rank creates its own log, so either may come first
+        return all(log.exists() for log in logs) and "it/s" in logs[0].read_text()
+
     try:
         deadline = time.monotonic() + 300
-        while not (output_dir / "logs" / "rank1.log").exists() or "it/s" not in (output_dir / "logs" / "rank0.log").read_text():
+        while not training_started():
             assert time.monotonic() < deadline and job.poll() is None, "training never started"
             time.sleep(1)
         rank1 = subprocess.run(["pgrep", "-f", "-n", "pretrain.py --local_rank=1"], capture_output=True, text=True)
