@@ -2,35 +2,23 @@
 
     python export.py --adapter out/lora --output_dir out/merged            # base read from the adapter
     python export.py --base out/pt --adapter out/lora --output_dir out/merged
+    python export.py --adapter out/rm-lora --output_dir out/rm      # a reward model's adapter + score head
 """
 
 import argparse
-import json
 from pathlib import Path
 
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
-from utils.errors import UserError, cli_entry
+from utils.errors import cli_entry
+from utils.lora import load_adapter_model
 from utils.modeling import load_tokenizer
 
 
-def base_of(adapter: Path) -> str:
-    config = adapter / "adapter_config.json"
-    if not config.is_file():
-        raise UserError(f"--adapter {adapter}: no adapter_config.json (is it a PEFT adapter folder from lora.py?)")
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{config} names no base model: pass --base")
-    return base
-
-
-def merge(base: str, adapter: Path, output_dir: Path) -> None:
-    if not Path(base).exists():
-        raise UserError(f"base model not found: {base} (pass --base)")
-    model = AutoModelForCausalLM.from_pretrained(base)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    if (adapter / "generation_config.json").is_file():  # lora.py's stop tokens for chat
+def merge(adapter: Path, output_dir: Path, base: str | None = None) -> None:
+    peft_model, base = load_adapter_model(adapter, base)
+    merged = peft_model.merge_and_unload()
+    if (adapter / "generation_config.json").is_file():  # the chat stop tokens lora.py and dpo.py save
         merged.generation_config = GenerationConfig.from_pretrained(str(adapter))
     output_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output_dir)
@@ -47,7 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     adapter = Path(args.adapter)
-    merge(args.base or base_of(adapter), adapter, Path(args.output_dir))
+    merge(adapter, Path(args.output_dir), args.base)
 
 
 if __name__ == "__main__":

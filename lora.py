@@ -36,7 +36,7 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     config = model_config_for(model_args, tokenizer)
 
     # ===== 2. data: chat conversations (as sft.py) or plain text blocks (as pretrain.py) =====
-    if lora_args.stage == "sft":
+    if data_args.stage == "sft":
         require_chat_template(tokenizer, model_args.tokenizer_name)
         data = sft_datasets(data_args, tokenizer, training_args.seed, training_args.main_process_first)
     else:
@@ -46,16 +46,14 @@ def main(model_args, data_args, lora_args, training_args) -> None:
 
     # ===== 3. frozen base model + adapters =====
     model = build_model(model_args, config, quantization)
-    if lora_args.stage == "sft":
+    if data_args.stage == "sft":
         configure_chat_generation(model, tokenizer)
     model = apply_lora(model, lora_args, training_args.activation_checkpointing)
     collator = (sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
-                if lora_args.stage == "sft" else default_data_collator)
+                if data_args.stage == "sft" else default_data_collator)
 
     # ===== 4. train, save the adapter (+ tokenizer, generation config), evaluate =====
-    trainer = train_save_evaluate(model, tokenizer, data, collator, training_args, resume_from)
-    if trainer.is_world_process_zero():  # export.py gives the merged model these stop tokens
-        model.base_model.model.generation_config.save_pretrained(training_args.output_dir)
+    train_save_evaluate(model, tokenizer, data, collator, training_args, resume_from)
     finish()
 
 

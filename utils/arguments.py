@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
+import trl
 from transformers import HfArgumentParser
 
 from utils.chat_data import FORMATS
@@ -144,10 +145,6 @@ class LoraArguments:
     quantization_bit: int | None = field(
         default=None, metadata={"help": "4 (QLoRA) or 8: load the frozen base weights quantized (CUDA only)."}
     )
-    stage: str = field(
-        default="sft", metadata={"help": "sft: chat data, loss on assistant replies; pretrain: plain text "
-                                         "(continued pretraining), packed into blocks.", "choices": ["sft", "pretrain"]}
-    )
 
     def __post_init__(self):
         if self.lora_r < 1:
@@ -158,8 +155,25 @@ class LoraArguments:
 class AdapterDataArguments(ChatDataArguments):
     """LoRA reads chat data (the SFT path) or, with --stage pretrain, plain text."""
 
+    stage: str = field(
+        default="sft", metadata={"help": "sft: chat data, loss on assistant replies; pretrain: plain text "
+                                         "(continued pretraining), packed into blocks.", "choices": ["sft", "pretrain"]}
+    )
     text_field: str = field(default="text", metadata={"help": "--stage pretrain: the text field of JSONL records."})
     block_size: int | None = field(default=None, metadata={"help": "--stage pretrain: tokens per block."})
+
+
+@dataclass
+class PreferenceLoraArguments(LoraArguments):
+    """reward.py and dpo.py train every weight unless --use_lora."""
+
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (the lora_* flags) instead of every weight."})
+
+
+@dataclass
+class PreferenceDataArguments(CorpusArguments):
+    """Preference pairs: {"prompt", "chosen", "rejected"} as strings or chat messages (utils/preference_data.py).
+    Their length limit is --max_length, with the training arguments."""
 
 
 @dataclass
@@ -200,6 +214,49 @@ class TrainingArguments(transformers.TrainingArguments):
         except ValueError as error:
             raise UserError(f"invalid training arguments: {str(error).splitlines()[0]}") from None
         check_deepspeed_config_agrees(self)
+
+
+
+@dataclass
+class _PreferenceTrainingDefaults:
+    """TRL's defaults are kept (its learning rates, logging every 10 steps) except where a flag would
+    then mean something else than in the other stages: bf16 and activation checkpointing only when
+    asked (TRL turns both on, and CPU refuses bf16)."""
+
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (GPU only)."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Old name of --activation_checkpointing: recompute activations to save memory.",
+                                "nargs": "?", "const": True}
+    )
+    # --trust_remote_code is ModelArguments'; the scripts build every model themselves, so TRL never reads it.
+    trust_remote_code: bool = field(default=False, init=False)
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Longest prompt + reply in tokens. Longer pairs lose their oldest turns until "
+                                        "they fit; a pair whose last user turn and reply do not fit is dropped."}
+    )
+
+
+@dataclass
+class RewardTrainingArguments(_PreferenceTrainingDefaults, trl.RewardConfig, TrainingArguments):
+    """reward.py: the training arguments above plus TRL's reward ones (e.g. --center_rewards_coefficient)."""
+
+    def __post_init__(self):
+        check_pair_length(self.max_length)
+        super().__post_init__()
+
+
+@dataclass
+class DPOTrainingArguments(_PreferenceTrainingDefaults, trl.DPOConfig, TrainingArguments):
+    """dpo.py: the training arguments above plus TRL's DPO ones (--beta, --loss_type, --precompute_ref_log_probs)."""
+
+    def __post_init__(self):
+        check_pair_length(self.max_length)
+        super().__post_init__()
+
+
+def check_pair_length(max_length) -> None:
+    if max_length is None or max_length < 8:
+        raise UserError(f"--max_length must be at least 8, got {max_length}")
 
 
 def check_deepspeed_config_agrees(args: TrainingArguments) -> None:

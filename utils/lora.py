@@ -1,7 +1,12 @@
-"""LoRA and QLoRA through PEFT: wrapping a model, checking target modules, 4-bit loading."""
+"""LoRA and QLoRA through PEFT: wrapping a model, checking target modules, 4-bit loading, and loading
+a saved adapter on its base."""
+
+import json
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from utils.distributed import print0
 from utils.errors import UserError
@@ -9,10 +14,11 @@ from utils.model_config import count_parameters
 
 
 def linear_layer_names(model) -> list[str]:
-    """The distinct names (last part) of the model's linear layers, the output head left out."""
-    output = model.get_output_embeddings()
+    """The distinct names (last part) of the model's linear layers, the output head (an LM head, or a
+    reward model's score head, which PEFT trains in full) left out."""
+    heads = [model.get_output_embeddings(), getattr(model, "score", None), getattr(model, "classifier", None)]
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and module is not output}
+             if isinstance(module, torch.nn.Linear) and not any(module is head for head in heads)}
     return sorted(names)
 
 
@@ -29,25 +35,34 @@ def target_modules(model, requested: str) -> str | list[str]:
     return wanted
 
 
+def lora_config(model, lora_args, task_type: str = "CAUSAL_LM") -> LoraConfig:
+    """The adapter settings, target modules checked against `model`. SEQ_CLS (reward models) also
+    trains the new score head in full, as PEFT does for that task."""
+    return LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=target_modules(model, lora_args.lora_target_modules),
+        task_type=task_type,
+    )
+
+
 def apply_lora(model, lora_args, activation_checkpointing: bool):
     """Freeze the model and add LoRA adapters; prints trainable vs total parameters."""
     if activation_checkpointing:
         # With checkpointing, a frozen embedding's output has no grad, so the recomputed blocks
         # would get none either; PEFT needs the inputs to require grads.
         model.enable_input_require_grads()
-    config = LoraConfig(
-        r=lora_args.lora_r,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=target_modules(model, lora_args.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, lora_config(model, lora_args))
+    report_trainable(model, lora_args)
+    return model
+
+
+def report_trainable(model, lora_args) -> None:
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = count_parameters(model)
     print0(f"LoRA r={lora_args.lora_r} alpha={lora_args.lora_alpha}: {trainable:,} trainable of {total:,} "
            f"parameters ({trainable / total:.2%})")
-    return model
 
 
 def quantization_config(bits: int | None):
@@ -69,3 +84,26 @@ def quantization_config(bits: int | None):
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def is_adapter_folder(folder) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_adapter_model(adapter, base: str | None = None) -> tuple[PeftModel, str]:
+    """A saved adapter on its base model (the one its config names, unless `base` is given), and that
+    base's path: a causal LM (lora.py, dpo.py) or a one-score reward model (reward.py, task SEQ_CLS)."""
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{adapter}: no adapter_config.json (is it a PEFT adapter folder from lora.py?)")
+    settings = json.loads(config_file.read_text())
+    base = base or settings.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{config_file} names no base model: pass --base")
+    if not Path(base).exists():
+        raise UserError(f"base model of {adapter} not found: {base} (pass --base)")
+    if settings.get("task_type") == "SEQ_CLS":
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+    return PeftModel.from_pretrained(model, str(adapter)), base

@@ -51,20 +51,21 @@ def choose_block_size(requested: int | None, config, where: str) -> int:
     return requested
 
 
-def build_model(model_args, config, quantization_config=None):
+def build_model(model_args, config, quantization_config=None, auto_class=AutoModelForCausalLM):
     """Random init from the config, or the weights in model_name_or_path (quantized for QLoRA).
 
-    Under ZeRO-3 transformers creates the weights already partitioned across ranks.
+    Under ZeRO-3 transformers creates the weights already partitioned across ranks. `auto_class`
+    picks the head: a reward model is AutoModelForSequenceClassification over the same body.
     """
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if quantization_config is not None:
         extra["quantization_config"] = quantization_config
     if model_args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
-                                                     trust_remote_code=model_args.trust_remote_code, **extra)
+        model = auto_class.from_pretrained(model_args.model_name_or_path, config=config,
+                                           trust_remote_code=model_args.trust_remote_code, **extra)
         print0(f"Loaded {config.model_type} from {model_args.model_name_or_path}: {describe_size(model)}")
     else:
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code, **extra)
+        model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code, **extra)
         print0(f"Initialised a new {config.model_type} model: {describe_size(model)}, "
                f"vocab {config.vocab_size}, context {context_length(config)}")
     return model

@@ -48,7 +48,7 @@ def train_save_evaluate(model, tokenizer, data, data_collator, args, resume_from
     )
     train_and_save(trainer, tokenizer, resume_from)
     if "validation" in data:
-        evaluate_perplexity(trainer)
+        evaluate_and_record(trainer, perplexity=True)
     return trainer
 
 
@@ -61,14 +61,20 @@ def train_and_save(trainer, tokenizer, resume_from: str | None) -> None:
     trainer.save_model()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(trainer.args.output_dir)
+        # A PEFT adapter folder holds no generation config; export.py gives the merged model these stop tokens.
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else None
+        if base is not None and getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(trainer.args.output_dir)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
 
 
-def evaluate_perplexity(trainer) -> dict:
+def evaluate_and_record(trainer, perplexity: bool = False) -> dict:
+    """Evaluate on the validation split; print and save (eval_results.json) the metrics."""
     metrics = trainer.evaluate()
-    metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
+    if perplexity:
+        metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     return metrics
