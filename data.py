@@ -5,19 +5,18 @@
     python data.py convert book.txt --split_by paragraph --output book.jsonl
     python data.py python-docs --output demo.jsonl          # a real corpus every CPython carries
     python data.py python-docs-chat --output chat.jsonl     # and a small chat set made from it
+    python data.py python-docs-preferences --output prefs.jsonl   # and preference pairs
 
 Exit codes: 0 all good, 1 validate found bad records, 2 the command could not run.
 """
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-from utils.corpus import ReadStats, expand_inputs, iter_texts
+from utils.corpus import ReadStats, expand_inputs, iter_texts, write_jsonl_atomically
 from utils.errors import UserError, cli_entry
-from utils.python_docs import documentation_chats, documentation_texts
+from utils.python_docs import documentation_chats, documentation_preferences, documentation_texts
 
 SPLITS = ("line", "paragraph", "file")
 
@@ -56,25 +55,6 @@ def _text_samples(path: Path, split_by: str):
     return [piece.strip("\n") for piece in pieces if piece.strip()]
 
 
-def write_jsonl_atomically(output: Path, records, what: str) -> int:
-    """Write to a temporary file and rename it, so a failure (or no records at all) never
-    replaces or truncates what the output held before."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    count = 0
-    try:
-        with open(staging, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        if count == 0:
-            raise UserError(f"no text found in {what}: nothing written")
-        os.replace(staging, output)
-    finally:
-        staging.unlink(missing_ok=True)
-    return count
-
-
 def convert(args) -> int:
     files = expand_inputs(args.files, "files")
     output = Path(args.output)
@@ -100,6 +80,13 @@ def python_docs_chat(args) -> int:
     """Questions and answers drawn from the same documentation, in the messages format."""
     count = write_jsonl_atomically(Path(args.output), documentation_chats(), "pydoc_data.topics")
     print(f"Wrote {count} conversations to {args.output}")
+    return 0
+
+
+def python_docs_preferences(args) -> int:
+    """Preference pairs from the same documentation: the right answer against another question's."""
+    count = write_jsonl_atomically(Path(args.output), documentation_preferences(), "pydoc_data.topics")
+    print(f"Wrote {count} preference pairs to {args.output}")
     return 0
 
 
@@ -129,6 +116,11 @@ def make_parser() -> argparse.ArgumentParser:
     chats = commands.add_parser("python-docs-chat", help="write a small chat set made from Python's documentation")
     chats.add_argument("--output", required=True)
     chats.set_defaults(run=python_docs_chat)
+
+    prefs = commands.add_parser("python-docs-preferences",
+                                help="write preference pairs (right vs wrong answer) made from Python's documentation")
+    prefs.add_argument("--output", required=True)
+    prefs.set_defaults(run=python_docs_preferences)
     return parser
 
 

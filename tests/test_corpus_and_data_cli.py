@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean_error, assert_succeeded, run_script
+from conftest import assert_clean_error, assert_succeeded, run_main_in_process, run_script
 from utils.corpus import BadRecord, ReadStats, expand_inputs, iter_texts
 from utils.errors import UserError
 
@@ -295,3 +295,20 @@ def test_python_docs_writes_the_topics(tmp_path):
     assert texts == [topics[name] for name in sorted(topics)]
     assert 60 <= len(texts) <= 100
     assert f"Wrote {len(texts)} documentation topics" in result.stdout
+
+
+def test_python_docs_preferences_pair_each_question_with_its_answer_and_another(tmp_path):
+    """python-docs-preferences: chosen is the question's own answer from the chat set; rejected is an
+    answer to a different question; every record passes the preference reader."""
+    from utils.preference_data import iter_pairs
+    from utils.python_docs import documentation_chats
+
+    output = tmp_path / "prefs.jsonl"
+    assert_succeeded(run_main_in_process("data.py", "python-docs-preferences", "--output", output))
+    answers = {chat["messages"][0]["content"]: chat["messages"][1]["content"]
+               for chat in documentation_chats() if len(chat["messages"]) == 2}
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) > 100 and len(list(iter_pairs([output]))) == len(records)
+    for record in records:
+        assert record["chosen"] == answers[record["prompt"]]
+        assert record["rejected"] in answers.values() and record["rejected"] != record["chosen"]

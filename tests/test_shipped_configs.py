@@ -5,8 +5,9 @@ import json
 import pytest
 
 from conftest import REPO
-from utils.arguments import (AdapterDataArguments, ChatDataArguments, DataArguments, LoraArguments, ModelArguments,
-                             TrainingArguments, parse_args)
+from utils.arguments import (AdapterDataArguments, ChatDataArguments, DataArguments, DPOTrainingArguments,
+                             LoraArguments, ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
+                             RewardTrainingArguments, TrainingArguments, parse_args)
 
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.json"))
 ADAPTER = (ModelArguments, AdapterDataArguments, LoraArguments, TrainingArguments)
@@ -16,6 +17,8 @@ SCRIPT_ARGUMENTS = {  # by the config's name prefix: the dataclasses of the scri
     "full": (ModelArguments, ChatDataArguments, TrainingArguments),
     "lora": ADAPTER,
     "qlora": ADAPTER,
+    "reward": (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments, RewardTrainingArguments),
+    "dpo": (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments, DPOTrainingArguments),
 }
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 

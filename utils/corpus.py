@@ -146,3 +146,22 @@ def iter_texts(files: list[Path], text_field: str = "text", skip_bad_records: bo
         stats.characters += len(text)
         yield text
     raise_if_nothing_read(files, stats)
+
+
+def write_jsonl_atomically(output: Path, records, what: str) -> int:
+    """Write to a temporary file and rename it, so a failure (or no records at all) never
+    replaces or truncates what the output held before."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    count = 0
+    try:
+        with open(staging, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        if count == 0:
+            raise UserError(f"no text found in {what}: nothing written")
+        os.replace(staging, output)
+    finally:
+        staging.unlink(missing_ok=True)
+    return count

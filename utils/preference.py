@@ -8,7 +8,6 @@ turn-boundary length rule (utils/preference_data.py), and reading/scoring saved 
 """
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import DPOTrainer, RewardTrainer
 
 from utils.chat_data import check_turn_order
-from utils.corpus import BadRecord, expand_inputs, iter_parsed_lines, parse_json_line
+from utils.corpus import BadRecord, expand_inputs, iter_parsed_lines, parse_json_line, write_jsonl_atomically
 from utils.distributed import print0
 from utils.errors import UserError
 from utils.lora import is_adapter_folder, load_adapter_model, lora_config, report_trainable
@@ -151,15 +150,6 @@ def score_file(model_dir: str, input_path: str, output_path: str, batch_size: in
         summary |= {"pairs": len(pairs), "accuracy": wins / len(pairs),
                     "mean_margin": sum(records[i]["reward_chosen"] - records[i]["reward_rejected"] for i in pairs)
                     / len(pairs)}
-    _write_jsonl_atomically(Path(output_path), records)
+    write_jsonl_atomically(Path(output_path), records, input_path)
     return summary
 
-
-def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:
-    """Written beside the target and renamed: an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(partial, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(partial, path)

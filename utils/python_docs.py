@@ -1,5 +1,6 @@
 """Real text every CPython carries (`pydoc_data.topics`, about 465 K characters of Python's
-documentation), as a pretraining corpus and as a small chat set: demos and tests need no download."""
+documentation), as a pretraining corpus, a small chat set and preference pairs: demos and tests
+need no download."""
 
 import random
 import re
@@ -50,3 +51,13 @@ def documentation_chats(seed: int = 0) -> list[dict]:
             turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         chats.append({"messages": turns})
     return chats
+
+
+def documentation_preferences(seed: int = 0) -> list[dict]:
+    """One pair per question: its own answer (chosen) against another question's answer (rejected)."""
+    pairs = _question_answer_pairs()
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # never the question itself
+    return [{"prompt": question, "chosen": answer, "rejected": pairs[other[i]][1]}
+            for i, (question, answer) in enumerate(pairs) if pairs[other[i]][1] != answer]
