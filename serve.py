@@ -110,7 +110,8 @@ def vllm_command(args, adapters: dict[str, str]) -> list[str]:
     if args.trust_remote_code:
         command.append("--trust-remote-code")
     if adapters:
-        ranks = [json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 16) for path in adapters.values()]
+        ranks = [json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 16)
+                 for path in adapters.values()]
         command += ["--enable-lora", "--max-lora-rank", str(max(ranks)),
                     "--lora-modules", *(f"{key}={path}" for key, path in adapters.items())]
     return command

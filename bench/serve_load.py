@@ -109,7 +109,8 @@ async def closed_loop(url: str, model: str, requests: int, concurrency: int, max
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder to serve (default: a random-init demo model made here)")
-    parser.add_argument("--batch_sizes", default="1,8", help="serve.py --max_batch_size values; the first is the baseline")
+    parser.add_argument("--batch_sizes", default="1,8",
+                        help="serve.py --max_batch_size values; the first is the baseline")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=8, help="clients sending at once (the load's bound)")
     parser.add_argument("--max_tokens", type=int, default=32, help="tokens generated per request")

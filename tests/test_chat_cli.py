@@ -1,15 +1,15 @@
 """chat.py: one question, a file of questions in batches, and the interactive chat through a stdin
 script, on a tiny model taught known replies in-process (tests/tiny_chat_models.py)."""
 
+import io
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, assert_clean_error, assert_succeeded, run_main_in_process, script_env
+from conftest import assert_clean_error, assert_succeeded, run_main_in_process
 from tiny_chat_models import NAME_QUESTION, NAME_REPLY_WITH_HISTORY, NAME_REPLY_WITHOUT, NAME_TURNS, QUESTION, \
     REPLIES, trained_models
 
@@ -58,12 +58,12 @@ def test_a_model_without_chat_template_continues_the_text(models):
     assert result.stdout == tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) + "\n"
 
 
-def test_interactive_chat_keeps_history_until_reset(models):
-    """A stdin script: the second question is answered from the first turn; after /reset it is not;
+def test_interactive_chat_keeps_history_until_reset(models, monkeypatch):
+    """A script on stdin: the second question is answered from the first turn; after /reset it is not;
     /exit ends the session before the line after it is read."""
     script = "\n".join(["My name is Ada.", NAME_QUESTION, "/reset", NAME_QUESTION, "/exit", QUESTION]) + "\n"
-    result = subprocess.run([sys.executable, str(REPO / "chat.py"), "--model", str(models["chat"]), *GREEDY],
-                            input=script, capture_output=True, text=True, timeout=300, cwd=REPO, env=script_env())
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))  # input() reads it as it would a pipe
+    result = run_main_in_process("chat.py", "--model", models["chat"], *GREEDY)
     assert_succeeded(result)
     replies = [line.split("assistant: ", 1)[1] for line in result.stdout.splitlines() if "assistant: " in line]
     assert replies == [NAME_TURNS[1]["content"], NAME_REPLY_WITH_HISTORY, NAME_REPLY_WITHOUT]

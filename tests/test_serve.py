@@ -5,9 +5,11 @@ adapters trained over it (tests/tiny_chat_models.py), so greedy answers are know
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -61,7 +63,24 @@ def client(server):
 
 
 def ask(client, model="chat", question=QUESTION, **extra):
-    return client.chat.completions.create(model=model, messages=chat(("user", question)), **({"temperature": 0} | extra))
+    settings = {"temperature": 0} | extra
+    return client.chat.completions.create(model=model, messages=chat(("user", question)), **settings)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of sockets listening on `port`, from the kernel's own table."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, local_port = local.split(":")
+        if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+            addresses.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_it_listens_on_loopback_only_by_default(server):
+    assert listening_addresses(int(server.rsplit(":", 1)[1])) == {"127.0.0.1"}
 
 
 def test_models_are_listed(client):
@@ -129,7 +148,8 @@ def test_completions_continue_plain_text(client, models):
     two = client.completions.create(model="terse", prompt=[rendered, "The for statement"], max_tokens=10,
                                     temperature=0)
     assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == REPLIES["terse"]
-    assert two.usage.prompt_tokens == len(tokenizer(rendered)["input_ids"]) + len(tokenizer("The for statement")["input_ids"])
+    prompt_lengths = [len(tokenizer(text)["input_ids"]) for text in (rendered, "The for statement")]
+    assert two.usage.prompt_tokens == sum(prompt_lengths)
     streamed = client.completions.create(model="chat", prompt=rendered, max_tokens=30, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == REPLIES["base"]
 
@@ -176,9 +196,11 @@ def test_a_burst_gets_answers_or_clean_429s_and_the_server_lives_on(server, clie
     MAX_QUEUE - 1. Every answer is right for its model; the rest are 429s the client raises as such."""
     async def burst():
         async with AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120) as aclient:
-            long = asyncio.create_task(aclient.completions.create(model="chat", prompt="The", max_tokens=400,
+            long = asyncio.create_task(aclient.completions.create(model="chat", prompt="The", max_tokens=500,
                                                                   temperature=0, extra_body={"ignore_eos": True}))
-            await asyncio.sleep(0.3)
+            async with httpx.AsyncClient() as http:
+                while (await http.get(f"{server}/health")).json()["pending"] == 0:  # until the worker has it
+                    await asyncio.sleep(0.01)
 
             async def one(i):
                 name = ("chat", "pirate", "terse")[i % 3]
@@ -199,7 +221,7 @@ def test_a_burst_gets_answers_or_clean_429s_and_the_server_lives_on(server, clie
     assert all(text == REPLIES["base" if name == "chat" else name] for name, text in answered), answered
     assert 1 <= len(answered) <= MAX_QUEUE - 1 and refused
     assert all(e.status_code == 429 and e.body["type"] == "rate_limit_error" for e in refused)
-    assert long.usage.completion_tokens == 400
+    assert long.usage.completion_tokens == 500
     health = httpx.get(f"{server}/health").json()
     assert health == {"status": "ok", "pending": 0}
     assert ask(client).choices[0].message.content == REPLIES["base"]
@@ -249,8 +271,6 @@ def test_bad_lora_flags_and_busy_port_are_one_line_errors(models, tmp_path):
     assert_clean_error(result, f"--lora x={tmp_path}", "no adapter_config.json")
     result = run_main_in_process("serve.py", "--model", models["chat"], "--lora", "missing-equals")
     assert_clean_error(result, "expected NAME=PATH")
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -62,7 +62,8 @@ def interactive_chat(loaded: InferenceModel, sampling: Sampling, system: str | N
             continue
         messages = conversation(system, history, line)
         prompt = prompt_ids(loaded, messages)
-        while chat and history and room_to_generate(loaded, len(prompt), sampling.max_new_tokens) < sampling.max_new_tokens:
+        wanted = sampling.max_new_tokens
+        while chat and history and room_to_generate(loaded, len(prompt), wanted) < wanted:
             history = history[2:]  # the oldest user/assistant exchange
             messages = conversation(system, history, line)
             prompt = prompt_ids(loaded, messages)
@@ -82,7 +83,8 @@ def answer_one(loaded: InferenceModel, sampling: Sampling, system: str | None, q
     prompt = prompt_ids(loaded, conversation(system, [], question))
     room = room_to_generate(loaded, len(prompt), sampling.max_new_tokens)
     if room == 0:
-        raise UserError(f"--question is {len(prompt)} tokens: no room left in the model's {loaded.context}-token context")
+        raise UserError(f"--question is {len(prompt)} tokens: no room left in the model's "
+                        f"{loaded.context}-token context")
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     return generate_one(loaded, prompt, replace(sampling, max_new_tokens=room), has_chat_template(loaded.tokenizer),
                         streamer)

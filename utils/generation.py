@@ -161,7 +161,8 @@ def _attach_adapters(model, adapters: dict[str, str]):
 
     for name, folder in adapters.items():
         if not is_adapter_folder(folder):
-            raise UserError(f"--lora {name}={folder}: no adapter_config.json there (a PEFT adapter folder from lora.py)")
+            raise UserError(f"--lora {name}={folder}: no adapter_config.json there "
+                            "(a PEFT adapter folder from lora.py)")
     try:
         (first_name, first_dir), *others = adapters.items()
         model = PeftModel.from_pretrained(model, first_dir, adapter_name=first_name)
@@ -170,12 +171,6 @@ def _attach_adapters(model, adapters: dict[str, str]):
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise UserError(f"cannot load the LoRA adapters {', '.join(adapters)}: {str(error).splitlines()[0]}") from None
     return model
-
-
-def load_for_inference(model_dir: str, trust_remote_code: bool = False):
-    """(model, tokenizer) of a model or adapter folder, as the demo and older callers want them."""
-    loaded = load_inference_model(model_dir, trust_remote_code=trust_remote_code)
-    return loaded.model, loaded.tokenizer
 
 
 # ===== prompts =====
@@ -218,8 +213,8 @@ class Completion:
 
 class StopTextFilter:
     """Cuts text at the first stop string and, while streaming, holds back text that may be the start
-    of one. Hand-written because transformers' `stop_strings` ends generation but leaves the stop text
-    (and a few tokens of a finished row's batch-mates) in the output."""
+    of one. Hand-written because transformers' `stop_strings` only ends generation: the stop text
+    stays in the output, and a streamer has already passed it on."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops, self.pending, self.stopped = stops, "", False
@@ -290,6 +285,8 @@ def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: S
         extra["stopping_criteria"] = StoppingCriteriaList([StopWhenSet(cancel)])
     if sampling.ignore_eos:
         extra["min_new_tokens"] = max(limits)
+    if sampling.stop:  # end each row at its stop string rather than at max_new_tokens
+        extra |= {"stop_strings": list(sampling.stop), "tokenizer": tokenizer}
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(limits),
                             eos_token_id=stop_ids, pad_token_id=pad_id, streamer=streamer,
                             **sampling.generate_kwargs(), **extra)
@@ -300,6 +297,8 @@ def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: S
         new = new[:ends[0] + 1] if ends else new
         text_filter = StopTextFilter(sampling.stop)
         text = text_filter.feed(tokenizer.decode(new, skip_special_tokens=True)) + text_filter.flush()
+        while text_filter.stopped and new and new[-1] == pad_id:  # generate pads a row it ended early
+            new.pop()
         finished = bool(ends) or text_filter.stopped or (cancel is not None and cancel.is_set())
         completions.append(Completion(text, len(prompt), len(new), "stop" if finished else "length"))
     return completions

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
+from jinja2 import TemplateError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
@@ -144,6 +145,10 @@ def build_app(engine: GenerationEngine, settings: ServerSettings) -> FastAPI:
     async def validation_error(_request, error: RequestValidationError):
         return _validation_error(error).response()
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(_request, error: Exception):  # still a body the client can parse
+        return APIError(500, f"internal error: {type(error).__name__}: {error}", type_="server_error").response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, error: StarletteHTTPException):
         code = "not_found" if error.status_code == 404 else None
@@ -167,8 +172,8 @@ def build_app(engine: GenerationEngine, settings: ServerSettings) -> FastAPI:
         body.check_supported()
         requested = body.requested_max_tokens()
         if requested is not None and requested > settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens: {requested} is more than this server allows ({settings.max_tokens_limit})",
-                           param="max_tokens")
+            raise APIError(400, f"max_tokens: {requested} is more than this server allows "
+                                f"({settings.max_tokens_limit})", param="max_tokens")
         room = (context - prompt_tokens) if context else settings.max_tokens_limit
         max_new = requested if requested is not None else max(1, min(settings.default_max_tokens, room))
         if (problem := fit_to_context(prompt_tokens, max_new, context)) is not None:
@@ -270,7 +275,11 @@ def build_app(engine: GenerationEngine, settings: ServerSettings) -> FastAPI:
         adapter = adapter_for(body.model)
         if not has_chat_template(tokenizer):
             raise APIError(400, f"the model {body.model!r} has no chat template: use /v1/completions", param="model")
-        prompt = chat_prompt_ids(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        try:
+            prompt = chat_prompt_ids(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        except TemplateError as error:  # e.g. templates that demand alternating user/assistant turns
+            raise APIError(400, f"messages: the model's chat template refused them: {error}",
+                           param="messages") from None
         sampling = sampling_for(body, len(prompt))
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
 
