@@ -1,39 +1,44 @@
-"""Continue a prompt, or answer one chat turn, with a trained model folder (ours or any HF causal LM).
+"""Continue a prompt, or answer one chat turn, with a trained model folder (ours or any HF causal LM)
+or a LoRA adapter folder. For conversations, batches of questions and serving: chat.py and serve.py.
 
     python generate.py --model out/pt --prompt "The for statement" --max_new_tokens 80
     python generate.py --model out/pt --prompt "def " --temperature 0      # greedy
     python generate.py --model out/sft --chat "What does str.upper() do?"  # through the chat template
+    python generate.py --model out/lora --chat "Hi" --top_k 40 --repetition_penalty 1.2
 """
 
 import argparse
 
+from transformers.utils import logging as transformers_logging
+
 from utils.errors import UserError, cli_entry
-from utils.generation import chat_reply, generate_text, load_for_inference
+from utils.generation import (add_sampling_flags, chat_prompt_ids, generate_one, load_inference_model,
+                              sampling_from_args, text_prompt_ids)
 
 
 @cli_entry
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model folder with its tokenizer")
+    parser.add_argument("--model", required=True, help="a model folder with its tokenizer, or a PEFT adapter folder")
+    parser.add_argument("--base", help="the base model of an adapter --model (default: the one its config names)")
     parser.add_argument("--prompt", help="text to continue")
     parser.add_argument("--chat", help="a user message, answered through the tokenizer's chat template")
     parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(parser, max_new_tokens=64, temperature=0.8)
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.chat is None):
         raise UserError("give exactly one of --prompt and --chat")
-    model, tokenizer = load_for_inference(args.model)
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "seed": args.seed}
+    sampling = sampling_from_args(args)
+    transformers_logging.disable_progress_bar()
+    loaded = load_inference_model(args.model, args.base)
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.chat}]
-        print(f"user: {args.chat}\nassistant: {chat_reply(model, tokenizer, messages, **sampling)}")
+        reply = generate_one(loaded, chat_prompt_ids(loaded.tokenizer, messages), sampling, chat=True)
+        print(f"user: {args.chat}\nassistant: {reply.text.strip()}")
     else:
-        print(args.prompt + generate_text(model, tokenizer, args.prompt, **sampling))
+        continuation = generate_one(loaded, text_prompt_ids(loaded.tokenizer, args.prompt), sampling, chat=False)
+        print(args.prompt + continuation.text)
 
 
 if __name__ == "__main__":

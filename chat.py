@@ -1,0 +1,80 @@
+"""Chat with a trained model: interactively, one question, or a file of questions answered in batches.
+
+    python chat.py --model out/sft                                   # interactive; /reset, /exit
+    python chat.py --model out/sft --question "What does str.upper() do?" --temperature 0
+    python chat.py --model out/lora --questions q.json --output answers.json --batch_size 16
+    python chat.py --model out/lora --base out/pt --question "Hi"    # an adapter on a base of your choice
+
+--model is a model folder or a PEFT adapter folder (lora.py's output, loaded on its base). A model
+without a chat template (a plain pretrained one from elsewhere) continues the text instead.
+Questions files: a JSON list or JSON Lines of strings, {"question": ..., "system"?: ..., "id"?: ...}
+or {"messages": [..., {"role": "user", ...}]}; the answers file repeats each with its answer, the
+sampling settings and the timing.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+from transformers.utils import logging as transformers_logging
+
+from utils.chat_session import answer_one, answer_questions, interactive_chat, read_questions, write_answers
+from utils.errors import UserError, cli_entry
+from utils.generation import add_sampling_flags, has_chat_template, load_inference_model, sampling_from_args
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a model folder, or a PEFT adapter folder")
+    parser.add_argument("--base", help="the base model of an adapter --model (default: the one its config names)")
+    parser.add_argument("--question", help="answer this one question and exit")
+    parser.add_argument("--questions", help="a JSON or JSONL file of questions to answer in batches (needs --output)")
+    parser.add_argument("--output", help="where --questions writes its answers (JSON)")
+    parser.add_argument("--batch_size", type=int, default=8, help="questions generated together in --questions mode")
+    parser.add_argument("--system", help="a system message before every conversation")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    add_sampling_flags(parser, max_new_tokens=256, temperature=0.7)
+    return parser
+
+
+def check_mode(args) -> None:
+    if args.question is not None and args.questions is not None:
+        raise UserError("give --question or --questions, not both")
+    if (args.questions is None) != (args.output is None):
+        raise UserError("--questions and --output go together")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.output and Path(args.output).resolve() == Path(args.questions).resolve():
+        raise UserError(f"--output {args.output} is the questions file; choose another name")
+
+
+@cli_entry
+def main(argv=None) -> None:
+    args = make_parser().parse_args(argv)
+    check_mode(args)
+    sampling = sampling_from_args(args)
+    questions = read_questions(Path(args.questions), args.system) if args.questions else None  # bad files fail fast
+
+    transformers_logging.disable_progress_bar()  # the chat is the output
+    loaded = load_inference_model(args.model, args.base, device=args.device, trust_remote_code=args.trust_remote_code)
+
+    if questions is not None:
+        start = time.perf_counter()
+        answers = answer_questions(loaded, questions, sampling, args.batch_size)
+        seconds = time.perf_counter() - start
+        settings = {"model": args.model, "base": args.base, "system": args.system, "batch_size": args.batch_size,
+                    "chat_template": has_chat_template(loaded.tokenizer), "device": str(loaded.model.device),
+                    **sampling.describe()}
+        report = write_answers(Path(args.output), questions, answers, settings, seconds)
+        timing = report["timing"]
+        print(f"Answered {timing['questions']} questions in {timing['seconds']:.1f}s "
+              f"({timing['tokens_per_s']} generated tokens/s): wrote {args.output}")
+    elif args.question is not None:
+        answer_one(loaded, sampling, args.system, args.question)
+    else:
+        interactive_chat(loaded, sampling, args.system)
+
+
+if __name__ == "__main__":
+    main()
