@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError, cli_entry
-from utils.generation import BASE_ADAPTER, adapter_base, is_adapter_folder, load_inference_model
+from utils.generation import BASE_ADAPTER, load_inference_model
+from utils.lora import adapter_base, is_adapter_folder
 
 API_KEY_VARIABLE = "DSTRAIN_API_KEY"
 

@@ -5,7 +5,6 @@ batched generation with left padding; streaming through transformers' streamers.
 Shared by generate.py, chat.py, serve.py (utils/serving.py) and the demo.
 """
 
-import json
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from utils.errors import UserError
+from utils.lora import adapter_base, is_adapter_folder
 from utils.modeling import context_length, load_tokenizer
 from utils.sft_data import end_of_turn_id
 
@@ -82,24 +82,6 @@ def sampling_from_args(args) -> Sampling:
 
 
 # ===== loading =====
-
-def is_adapter_folder(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def adapter_base(adapter_dir: str | Path) -> str:
-    """The base model an adapter folder names (as lora.py wrote it), checked to exist."""
-    config = Path(adapter_dir) / "adapter_config.json"
-    try:
-        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{config}: not a readable adapter config ({error})") from None
-    if not base:
-        raise UserError(f"{config} names no base model: pass --base")
-    if not Path(base).exists():
-        raise UserError(f"{config}: its base model {base} is not found: pass --base")
-    return base
-
 
 @dataclass
 class InferenceModel:

@@ -86,22 +86,33 @@ def quantization_config(bits: int | None):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def is_adapter_folder(folder) -> bool:
-    return (Path(folder) / "adapter_config.json").is_file()
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model an adapter folder names (as lora.py wrote it), checked to exist."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{config}: not a readable adapter config ({error})") from None
+    if not base:
+        raise UserError(f"{config} names no base model: pass --base")
+    if not Path(base).exists():
+        raise UserError(f"{config}: its base model {base} is not found: pass --base")
+    return base
 
 
 def load_adapter_model(adapter, base: str | None = None) -> tuple[PeftModel, str]:
     """A saved adapter on its base model (the one its config names, unless `base` is given), and that
     base's path: a causal LM (lora.py, dpo.py) or a one-score reward model (reward.py, task SEQ_CLS)."""
-    config_file = Path(adapter) / "adapter_config.json"
-    if not config_file.is_file():
+    if not is_adapter_folder(adapter):
         raise UserError(f"{adapter}: no adapter_config.json (is it a PEFT adapter folder from lora.py?)")
-    settings = json.loads(config_file.read_text())
-    base = base or settings.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{config_file} names no base model: pass --base")
+    base = base or adapter_base(adapter)
     if not Path(base).exists():
-        raise UserError(f"base model of {adapter} not found: {base} (pass --base)")
+        raise UserError(f"base model {base} not found")
+    settings = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
     if settings.get("task_type") == "SEQ_CLS":
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     else:

@@ -7,7 +7,6 @@ ZeRO-2 and ZeRO-3. What they lack, this project adds around them: the data check
 turn-boundary length rule (utils/preference_data.py), and reading/scoring saved models.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from trl import DPOTrainer, RewardTrainer
 
 from utils.chat_data import check_turn_order
 from utils.corpus import BadRecord, expand_inputs, iter_parsed_lines, parse_json_line, write_jsonl_atomically
-from utils.distributed import print0
 from utils.errors import UserError
 from utils.lora import is_adapter_folder, load_adapter_model, lora_config, report_trainable
 from utils.modeling import load_tokenizer
