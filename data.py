@@ -84,7 +84,7 @@ def python_docs_chat(args) -> int:
 
 
 def python_docs_preferences(args) -> int:
-    """Preference pairs from the same documentation: the right answer against another question's."""
+    """Preference pairs from the same documentation: each answer against its words scrambled."""
     count = write_jsonl_atomically(Path(args.output), documentation_preferences(), "pydoc_data.topics")
     print(f"Wrote {count} preference pairs to {args.output}")
     return 0
@@ -118,7 +118,7 @@ def make_parser() -> argparse.ArgumentParser:
     chats.set_defaults(run=python_docs_chat)
 
     prefs = commands.add_parser("python-docs-preferences",
-                                help="write preference pairs (right vs wrong answer) made from Python's documentation")
+                                help="write preference pairs (an answer vs its words scrambled) from Python's documentation")
     prefs.add_argument("--output", required=True)
     prefs.set_defaults(run=python_docs_preferences)
     return parser

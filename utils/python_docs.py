@@ -54,10 +54,16 @@ def documentation_chats(seed: int = 0) -> list[dict]:
 
 
 def documentation_preferences(seed: int = 0) -> list[dict]:
-    """One pair per question: its own answer (chosen) against another question's answer (rejected)."""
-    pairs = _question_answer_pairs()
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # never the question itself
-    return [{"prompt": question, "chosen": answer, "rejected": pairs[other[i]][1]}
-            for i, (question, answer) in enumerate(pairs) if pairs[other[i]][1] != answer]
+    """One pair per question: its answer (chosen) against the same words in a scrambled order
+    (rejected), a difference the demo's small model learns to score in an epoch or two."""
+    rng = random.Random(seed)
+    pairs = []
+    for question, answer in _question_answer_pairs():
+        words = answer.split()
+        if len(set(words)) < 4:
+            continue
+        scrambled = words[:]
+        while scrambled == words:
+            rng.shuffle(scrambled)
+        pairs.append({"prompt": question, "chosen": answer, "rejected": " ".join(scrambled)})
+    return pairs
