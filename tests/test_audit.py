@@ -278,7 +278,7 @@ def test_documents_joined_without_eos_are_named(tmp_path, tok, base_model):
         data.report)
     [finding] = audit_blocks(no_eos, tok, base_model).findings
     assert finding.check == 5 and "without an eos </s> (2)" in finding.problem
-    assert finding.records[0].startswith(f"{path}:1 (train block ")
+    assert finding.records[0].startswith(f"{path}:1, {path}:2 (train block ")
 
 
 def test_a_split_that_packing_mostly_leaves_out_is_named(tmp_path, tok, base_model):

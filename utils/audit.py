@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
@@ -108,6 +109,55 @@ def _batches(dataset: Dataset):
         yield number * BATCH_ROWS, table
 
 
+@dataclass
+class TokenBatch:
+    """A batch of rows flattened: every token's id, label and row, and each row's first token."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    row_of: np.ndarray
+    row_first: np.ndarray
+    rows: int
+
+    @classmethod
+    def read(cls, table) -> "TokenBatch":
+        ids, lengths = _flat(table, "input_ids")
+        labels, _ = _flat(table, "labels")
+        row_first = np.zeros(len(ids), dtype=bool)
+        row_first[(np.cumsum(lengths) - lengths)[lengths > 0]] = True
+        return cls(ids, labels, np.repeat(np.arange(len(lengths)), lengths), row_first, len(lengths))
+
+
+class Provenance:
+    """Where a batch's rows came from: `source` ("path:line") per row, or `sources` (a list) per
+    packed row or block. Rows without either are named by split and row number."""
+
+    def __init__(self, table, split: str, first_row: int, unit: str = "row"):
+        present = [column for column in ("sources", "source") if column in table.column_names]
+        self.column = table.column(present[0]).combine_chunks() if present else None
+        self.split, self.first_row, self.unit = split, first_row, unit
+
+    def counts(self) -> np.ndarray | None:
+        """How many records each row holds, if known."""
+        if self.column is None:
+            return None
+        if pa.types.is_list(self.column.type) or pa.types.is_large_list(self.column.type):
+            return pc.list_value_length(self.column).to_numpy(zero_copy_only=False)
+        return np.ones(len(self.column), dtype=np.int64)
+
+    def records(self, row: int) -> list[str]:
+        value = self.column[row].as_py() if self.column is not None else None
+        return value if isinstance(value, list) else [value] if value else []
+
+    def row(self, row: int) -> str:
+        where, names = f"{self.split} {self.unit} {self.first_row + row}", self.records(row)
+        return f"{', '.join(names[:3])} ({where})" if names else where
+
+    def sample(self, row: int, within: int) -> str:
+        names = self.records(row)
+        return names[within] if within < len(names) else self.row(row)
+
+
 class Offenders:
     """How many records broke one rule, and the names of the first few."""
 
@@ -126,31 +176,28 @@ def _token(tokenizer, token_id: int | None) -> str:
     return "none" if token_id is None else f"{tokenizer.convert_ids_to_tokens(int(token_id))} ({token_id})"
 
 
-def _pad_fix(context: AuditContext) -> str:
-    tokenizer, pad = context.tokenizer, context.tokenizer.pad_token_id
-    shared = [name for name, same in (("eos", tokenizer.eos_token_id), ("end-of-turn", context.end_of_turn))
-              if same == pad]
-    if shared:
-        return (f"it is also the {shared[0]} token: a collator that masks padding would mask it too and the model "
-                "would never learn to stop; give the tokenizer its own pad token (tokenizer.py uses <unk>)")
-    return "padding must never be a target"
+def _token_rules(batch: TokenBatch, owner: np.ndarray, context: AuditContext, offenders: dict, name) -> None:
+    """The rules every token obeys, whatever the stage; `owner[i]` is the sample of token i."""
+    trained = batch.labels != IGNORE
 
-
-def _token_rules(ids, labels, trained, owner, context: AuditContext, offenders: dict, name) -> None:
-    """The rules every trained token obeys, whatever the stage; `owner[i]` is the sample of token i."""
     def mark(rule: str, bad: np.ndarray) -> None:
         offenders[rule].add(np.unique(owner[bad]), name)
 
     if context.tokenizer.pad_token_id is not None:
-        mark("pad", trained & (labels == context.tokenizer.pad_token_id))
+        mark("pad", trained & (batch.labels == context.tokenizer.pad_token_id))
     if context.embedding_rows is not None:
-        mark("range", ids >= context.embedding_rows)
-    mark("shifted", trained & (labels != ids))
+        mark("range", batch.ids >= context.embedding_rows)
+    mark("shifted", trained & (batch.labels != batch.ids))
 
 
 def _token_rule_findings(offenders: dict, context: AuditContext) -> list[Finding]:
-    pad = _token(context.tokenizer, context.tokenizer.pad_token_id)
-    return (offenders["pad"].finding(3, f"samples that train the pad token {pad}", _pad_fix(context))
+    tokenizer, pad = context.tokenizer, context.tokenizer.pad_token_id
+    shared = [name for name, same in (("eos", tokenizer.eos_token_id), ("end-of-turn", context.end_of_turn))
+              if same == pad]
+    pad_fix = (f"it is also the {shared[0]} token: a collator that masks padding would mask it too and the model "
+               "would never learn to stop; give the tokenizer its own pad token (tokenizer.py uses <unk>)"
+               if shared else "padding must never be a target")
+    return (offenders["pad"].finding(3, f"samples that train the pad token {_token(tokenizer, pad)}", pad_fix)
             + offenders["range"].finding(3, f"samples with token ids past the model's {context.embedding_rows} "
                                             "embedding rows", "an index error on the GPU: the tokenizer is not the "
                                                               "model's")
@@ -158,77 +205,50 @@ def _token_rule_findings(offenders: dict, context: AuditContext) -> list[Finding
                                            "labels must equal the inputs (the model shifts them itself)"))
 
 
+TOKEN_RULES = ("pad", "range", "shifted")
+
+
 # ---------------------------------------------------------------- chat stages (SFT, LoRA on chats)
 
 
 def audit_chat_split(name: str, dataset: Dataset, context: AuditContext) -> SplitAudit:
-    """Checks 1-4 over tokenized conversations, packed (position_ids, sources) or one per row (source)."""
+    """Checks 1-4 over tokenized conversations: one per row (`source`) or packed (`position_ids`, `sources`)."""
     packed = "position_ids" in dataset.column_names
-    offenders = {rule: Offenders() for rule in ("untrained", "stop", "positions", "crossing", "pad", "range", "shifted")}
+    offenders = {rule: Offenders() for rule in ("untrained", "stop", "positions", "crossing", *TOKEN_RULES)}
     totals = {"samples": 0, "rows": len(dataset), "tokens": 0, "trained_tokens": 0}
     sample_lengths = []
     for first_row, table in _batches(dataset):
-        ids, row_lengths = _flat(table, "input_ids")
-        labels, _ = _flat(table, "labels")
-        row_of = np.repeat(np.arange(len(row_lengths)), row_lengths)
-        row_first = np.zeros(len(ids), dtype=bool)
-        row_first[np.cumsum(row_lengths)[row_lengths > 0] - row_lengths[row_lengths > 0]] = True
-        sources = table.column("sources" if packed else "source").to_pylist() if _has_sources(table, packed) else None
-
-        def row_name(row: int) -> str:
-            names = sources[row] if sources and packed else [sources[row]] if sources else []
-            return f"{', '.join(names[:3])} ({name} row {first_row + row})" if names else f"{name} row {first_row + row}"
-
-        # A sample starts where its positions restart (packed) or where its row starts.
-        if packed:
-            positions, _ = _flat(table, "position_ids")
-            starts = (positions == 0) | row_first
-            follows = positions == np.concatenate([[-1], positions[:-1]]) + 1
-            bad_rows = np.unique(row_of[~((positions == 0) | follows) | (row_first & (positions != 0))])
-            samples_per_row = np.bincount(row_of[starts], minlength=len(row_lengths))
-            if sources:  # a row of k conversations restarts its positions exactly k times
-                counted = np.array([len(row) for row in sources])
-                bad_rows = np.union1d(bad_rows, np.nonzero(samples_per_row != counted)[0])
-            offenders["positions"].add(bad_rows, row_name)
-        else:
-            starts = row_first
-        sample_of = np.cumsum(starts) - 1
-        sample_row = row_of[starts]
-        samples_in_row = np.bincount(sample_row, minlength=len(row_lengths))
-        first_sample_of_row = np.cumsum(samples_in_row) - samples_in_row
+        batch, where = TokenBatch.read(table), Provenance(table, name, first_row)
+        starts = _packed_starts(table, batch, where, offenders["positions"]) if packed else batch.row_first
+        sample_of, sample_row = np.cumsum(starts) - 1, batch.row_of[starts]
         samples = len(sample_row)
+        in_row = np.bincount(sample_row, minlength=batch.rows)
+        first_of_row = np.cumsum(in_row) - in_row
 
-        def sample_name(sample: int) -> str:
+        def name_sample(sample: int) -> str:
             row = int(sample_row[sample])
-            if sources is None:
-                return f"{name} row {first_row + row}"
-            if not packed:
-                return sources[row]
-            within = sample - int(first_sample_of_row[row])
-            return sources[row][within] if within < len(sources[row]) else row_name(row)
+            return where.sample(row, sample - int(first_of_row[row]))
 
-        trained = labels != IGNORE
-        offenders["untrained"].add(np.nonzero(np.bincount(sample_of, weights=trained, minlength=samples) == 0)[0],
-                                   sample_name)
+        trained = batch.labels != IGNORE
+        untrained = np.bincount(sample_of, weights=trained, minlength=samples) == 0
+        offenders["untrained"].add(np.nonzero(untrained)[0], name_sample)
         # Labels are shifted inside the model: a trained first token is predicted from the sample before it.
-        offenders["crossing"].add(np.unique(sample_of[trained & starts & ~row_first]), sample_name)
+        offenders["crossing"].add(np.unique(sample_of[trained & starts & ~batch.row_first]), name_sample)
         if context.end_of_turn is not None:
             # A reply is a run of trained tokens inside one sample; each must hold the end-of-turn token.
             span_starts = trained & (starts | ~np.concatenate([[False], trained[:-1]]))
-            span_of = np.cumsum(span_starts) - 1
-            closed = np.bincount(span_of[trained], weights=labels[trained] == context.end_of_turn,
-                                 minlength=int(span_starts.sum()))
-            offenders["stop"].add(np.unique(sample_of[span_starts][closed == 0]), sample_name)
-        _token_rules(ids, labels, trained, sample_of, context, offenders, sample_name)
+            closed = np.bincount((np.cumsum(span_starts) - 1)[trained],
+                                 weights=batch.labels[trained] == context.end_of_turn, minlength=int(span_starts.sum()))
+            offenders["stop"].add(np.unique(sample_of[span_starts][closed == 0]), name_sample)
+        _token_rules(batch, sample_of, context, offenders, name_sample)
 
         sample_lengths.append(np.bincount(sample_of, minlength=samples))
         totals["samples"] += samples
-        totals["tokens"] += len(ids)
+        totals["tokens"] += len(batch.ids)
         totals["trained_tokens"] += int(trained.sum())
 
-    fitted = context.report
     findings = (
-        _dropped_findings(fitted, context)
+        _dropped_findings(context)
         + offenders["untrained"].finding(1, "samples with no trained token (every label is -100)",
                                          "the chat template's assistant mask is empty: check its {% generation %} "
                                          "markers")
@@ -243,24 +263,35 @@ def audit_chat_split(name: str, dataset: Dataset, context: AuditContext) -> Spli
                                         "the previous conversation's last token would learn to predict it: label "
                                         "a conversation's first token -100")
         + _token_rule_findings(offenders, context))
-    summary = {**totals, "truncated": fitted.get("truncated"), "dropped": fitted.get("dropped"),
+    summary = {**totals, "truncated": context.report.get("truncated"), "dropped": context.report.get("dropped"),
                "dropped_tokens": None,
                "lengths": length_histogram(np.concatenate(sample_lengths) if sample_lengths else np.zeros(0))}
     return SplitAudit(findings, summary)
 
 
-def _has_sources(table, packed: bool) -> bool:
-    return ("sources" if packed else "source") in table.column_names
+def _packed_starts(table, batch: TokenBatch, where: Provenance, offenders: Offenders) -> np.ndarray:
+    """Each conversation's first token in packed rows, checking (4) that positions count 0, 1, 2...
+    within a conversation and that a row of k conversations restarts them exactly k times."""
+    positions, _ = _flat(table, "position_ids")
+    restarts = positions == 0
+    follows = positions == np.concatenate([[-1], positions[:-1]]) + 1
+    bad = np.unique(batch.row_of[~(restarts | follows) | (batch.row_first & ~restarts)])
+    expected = where.counts()
+    if expected is not None:
+        bad = np.union1d(bad, np.nonzero(np.bincount(batch.row_of[restarts], minlength=batch.rows) != expected)[0])
+    offenders.add(bad, where.row)
+    return restarts | batch.row_first
 
 
-def _dropped_findings(fitted: dict, context: AuditContext) -> list[Finding]:
-    if not fitted.get("dropped") or context.drop_too_long:
+def _dropped_findings(context: AuditContext) -> list[Finding]:
+    dropped = context.report.get("dropped")
+    if not dropped or context.drop_too_long:
         return []
     records = [f"{item['source']} (reply ends at token {item['first_reply_end']})"
-               for item in fitted.get("dropped_first", [])[:FIRST]]
+               for item in context.report.get("dropped_first", [])[:FIRST]]
     return [Finding(1, f"conversations whose first reply ends after --max_length {context.max_length}, so none of "
                        "their tokens would be trained", "raise --max_length, or pass --drop_too_long true to train "
-                                                        "without them", fitted["dropped"], records)]
+                                                        "without them", dropped, records)]
 
 
 # ---------------------------------------------------------------- pretraining blocks
@@ -269,26 +300,17 @@ def _dropped_findings(fitted: dict, context: AuditContext) -> list[Finding]:
 def audit_block_split(name: str, dataset: Dataset, context: AuditContext) -> SplitAudit:
     """Check 5 (and the token rules) over fixed blocks of documents joined by eos, each with its `sources`."""
     eos = context.tokenizer.eos_token_id
-    offenders = {rule: Offenders() for rule in ("joined", "pad", "range", "shifted")}
+    offenders = {rule: Offenders() for rule in ("joined", *TOKEN_RULES)}
     totals = {"samples": context.report.get("documents"), "rows": len(dataset), "tokens": 0, "trained_tokens": 0}
     for first_row, table in _batches(dataset):
-        ids, row_lengths = _flat(table, "input_ids")
-        labels, _ = _flat(table, "labels")
-        row_of = np.repeat(np.arange(len(row_lengths)), row_lengths)
-        sources = table.column("sources").to_pylist() if "sources" in table.column_names else None
-
-        def block_name(row: int) -> str:
-            where = f"{name} block {first_row + row}"
-            return f"{sources[row][0]} ({where}: {len(sources[row])} documents)" if sources else where
-
-        if sources:  # every document but the block's last ends inside it, with an eos
-            eos_per_block = np.bincount(row_of[ids == eos], minlength=len(row_lengths))
-            documents = np.array([len(row) for row in sources])
-            offenders["joined"].add(np.nonzero(eos_per_block < documents - 1)[0], block_name)
-        trained = labels != IGNORE
-        _token_rules(ids, labels, trained, row_of, context, offenders, block_name)
-        totals["tokens"] += len(ids)
-        totals["trained_tokens"] += int(trained.sum())
+        batch, where = TokenBatch.read(table), Provenance(table, name, first_row, unit="block")
+        documents = where.counts()
+        if documents is not None:  # every document but a block's last ends inside it, with an eos
+            eos_per_block = np.bincount(batch.row_of[batch.ids == eos], minlength=batch.rows)
+            offenders["joined"].add(np.nonzero(eos_per_block < documents - 1)[0], where.row)
+        _token_rules(batch, batch.row_of, context, offenders, where.row)
+        totals["tokens"] += len(batch.ids)
+        totals["trained_tokens"] += int((batch.labels != IGNORE).sum())
 
     findings = offenders["joined"].finding(5, f"blocks that join documents without an eos "
                                               f"{_token(context.tokenizer, eos)} between them",
@@ -297,11 +319,11 @@ def audit_block_split(name: str, dataset: Dataset, context: AuditContext) -> Spl
     corpus_tokens = context.report.get("tokens")
     left_out = corpus_tokens - totals["tokens"] if corpus_tokens is not None else None
     if left_out and left_out > MAX_PACKING_LOSS * corpus_tokens:
-        block = dataset[0]["input_ids"] if len(dataset) else []
+        block = len(dataset[0]["input_ids"]) if len(dataset) else 0
         more = "raise --validation_split_percentage, " if name == "validation" else ""
         findings.append(Finding(5, f"block packing leaves out {left_out / corpus_tokens:.1%} of the {name} split "
                                    f"({left_out:,} of {corpus_tokens:,} tokens: each 1,000 documents lose their "
-                                   f"tail shorter than a block of {len(block)})",
+                                   f"tail shorter than a block of {block})",
                                 f"{more}lower --block_size or add data"))
     findings += _token_rule_findings(offenders, context)
     summary = {**totals, "truncated": None, "dropped": None, "dropped_tokens": left_out,
@@ -507,7 +529,7 @@ def audit_before_training(stage: str, data, tokenizer, model, data_args, trainin
     """
     if data_args.audit == "off":
         return None
-    result = audit(stage, data, tokenizer, model.config, model.generation_config, model,
+    result = audit(stage, data, tokenizer, model.config, getattr(model, "generation_config", None), model,
                    getattr(data_args, "max_length", None), getattr(data_args, "drop_too_long", False))
     print0(result.render())
     if _on_any_rank(data_args.audit == "error" and bool(result.findings)):
