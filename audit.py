@@ -4,7 +4,8 @@
 Chat data for sft.py / lora.py (the same flags as the run: --max_length, --packing, --data_format ...):
     python audit.py --model_name_or_path out/pt --train_files sft.jsonl --stage sft --max_length 2048
 Plain text for pretrain.py (or lora.py --stage pretrain):
-    python audit.py --tokenizer_name tok --config_name llama-120m --train_files corpus/ --stage pretrain --block_size 2048
+    python audit.py --tokenizer_name tok --config_name llama-120m --train_files corpus/ \
+        --stage pretrain --block_size 2048
 A training run's own config (its training flags, --learning_rate and the like, are ignored):
     python audit.py configs/sft_demo.json --stage sft
 

@@ -307,7 +307,7 @@ def test_audit_script_stops_with_one_line_naming_the_record(tmp_path, base_model
                                   "deepspeed": "ds_configs/zero3.json", "bf16": True, "lora_r": 8,
                                   "data_cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out")}))
     result = run_main_in_process("audit.py", config, "--stage", "sft")
-    message = assert_clean_error(result, f"{bad_chats}:2: data audit: ", "--max_length 64", "--drop_too_long")
+    assert_clean_error(result, f"{bad_chats}:2: data audit: ", "--max_length 64", "--drop_too_long")
     assert result.returncode == 2
     assert "Data audit (sft): 1 problem" in result.stdout and "lengths (train" in result.stdout
     assert_succeeded(run_main_in_process("audit.py", config, "--stage", "sft", "--audit", "warn"))

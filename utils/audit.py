@@ -17,7 +17,11 @@ reward/DPO pairs, belongs to those stages: see `register_stage`.)
 
 Each stage registers one function over a split (`register_stage`); it returns the split's
 findings and summary. The scan reads the token columns in Arrow batches with numpy, never a
-Python loop per token, so it costs seconds where tokenizing cost minutes.
+Python loop per token, so it costs seconds where tokenizing cost minutes. Check 6 plugs in so:
+
+    def audit_pair_split(name: str, dataset: Dataset, context: AuditContext) -> SplitAudit: ...
+    register_stage("dpo", audit_pair_split, chat=True)
+    audit_before_training("dpo", data, tokenizer, model, data_args, training_args)  # in dpo.py
 """
 
 import os
@@ -395,7 +399,8 @@ def model_findings(tokenizer, config, generation_config, model=None) -> list[Fin
     for where, settings in (("config", config), ("generation_config", generation_config)):
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             ours, theirs = getattr(tokenizer, key), getattr(settings, key, None) if settings is not None else None
-            if ours is not None and theirs is not None and ours not in (theirs if isinstance(theirs, list) else [theirs]):
+            theirs_list = theirs if isinstance(theirs, list) else [theirs]
+            if ours is not None and theirs is not None and ours not in theirs_list:
                 findings.append(Finding(3, f"the model's {where}.{key} is {theirs} but the tokenizer's is {ours}",
                                         f"set {where}.{key} to {ours} or use the model's own tokenizer"))
     if model is not None:

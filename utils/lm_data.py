@@ -68,7 +68,8 @@ def _documents(train_files, validation_files, text_field, skip_bad_records, vali
         yield {"text": text, "source": source, "is_validation": is_validation}
 
 
-def _tokenize_and_pack(train_files, validation_files, tokenizer, settings, num_proc, scratch: Path) -> ProcessedDatasets:
+def _tokenize_and_pack(train_files, validation_files, tokenizer, settings, num_proc,
+                       scratch: Path) -> ProcessedDatasets:
     block_size, eos = settings["block_size"], tokenizer.eos_token_id
     stats = {"train": ReadStats(), "validation": ReadStats()}
     documents = records_dataset(

@@ -18,8 +18,8 @@ fits whole; one whose first reply does not fit is dropped. Both are counted, wit
 of each by file and line, in the build report the data audit reads (utils/audit.py).
 
 Provenance. Every conversation keeps `source` ("path:line"); a packed row keeps `sources`, one
-per conversation in it, in order. The Trainer leaves these columns out of the batches (they
-are no argument of the model's forward).
+per conversation in it, in order. The Trainer leaves these columns out of the batches
+(`remove_unused_columns`, on by default: they are no argument of the model's forward).
 
 Packing. Conversations are placed into rows of at most max_length tokens (best fit,
 longest first); each row carries position_ids that restart at every conversation, from which
@@ -216,32 +216,27 @@ def set_chat_stops(generation_config, tokenizer) -> None:
     generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-FIRST_EXAMPLES = 10  # how many truncated / dropped conversations the build report names
+FIRST_DROPPED = 10  # how many dropped conversations the build report names
 
 
 @dataclass
 class LengthReport:
-    """What fitting to max_length did to one split; `*_first` name the first few by file:line."""
+    """What fitting to max_length did to one split; `dropped_first` names the first few dropped."""
 
     kept: int = 0
     truncated: int = 0
     dropped: int = 0
-    truncated_first: list = field(default_factory=list)
-    dropped_first: list = field(default_factory=list)  # {"source", "length", "first_reply_end"}
+    dropped_first: list = field(default_factory=list)  # {"source": "path:line", "first_reply_end": tokens}
 
     def count(self, source: str, ids: list[int], labels: list[int], fitted) -> None:
         if fitted is None:
             self.dropped += 1
-            if len(self.dropped_first) < FIRST_EXAMPLES:
+            if len(self.dropped_first) < FIRST_DROPPED:
                 spans = assistant_spans(labels)
-                self.dropped_first.append({"source": source, "length": len(ids),
-                                           "first_reply_end": spans[0][1] if spans else None})
+                self.dropped_first.append({"source": source, "first_reply_end": spans[0][1] if spans else None})
             return
         self.kept += 1
-        if len(fitted[0]) < len(ids):
-            self.truncated += 1
-            if len(self.truncated_first) < FIRST_EXAMPLES:
-                self.truncated_first.append(source)
+        self.truncated += len(fitted[0]) < len(ids)
 
 
 def sft_datasets(data_args, tokenizer, seed: int, main_process_first) -> ProcessedDatasets:
