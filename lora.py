@@ -16,6 +16,7 @@ is a standard PEFT adapter (adapter_config.json, adapter_model.safetensors) with
 from transformers import default_data_collator, set_seed
 
 from utils.arguments import AdapterDataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
+from utils.audit import audit_before_training
 from utils.distributed import finish
 from utils.errors import UserError, cli_entry
 from utils.lm_data import pretraining_datasets
@@ -44,11 +45,12 @@ def main(model_args, data_args, lora_args, training_args) -> None:
         data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed,
                                     training_args.main_process_first)
 
-    # ===== 3. frozen base model + adapters =====
+    # ===== 3. frozen base model + adapters; the data audit =====
     model = build_model(model_args, config, quantization)
     if data_args.stage == "sft":
         configure_chat_generation(model, tokenizer)
     model = apply_lora(model, lora_args, training_args.activation_checkpointing)
+    audit_before_training(lora_args.stage, data, tokenizer, model, data_args, training_args)
     collator = (sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
                 if data_args.stage == "sft" else default_data_collator)
 

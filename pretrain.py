@@ -18,6 +18,7 @@ Resume after a crash: add --resume_from_checkpoint last.
 from transformers import default_data_collator, set_seed
 
 from utils.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from utils.audit import audit_before_training
 from utils.distributed import finish
 from utils.errors import cli_entry
 from utils.lm_data import pretraining_datasets
@@ -38,8 +39,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed,
                                 training_args.main_process_first)
 
-    # ===== 3. model =====
+    # ===== 3. model; then the data audit (utils/audit.py) before any step is paid for =====
     model = build_model(model_args, config)
+    audit_before_training("pretrain", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save a plain HF folder, evaluate =====
     train_save_evaluate(model, tokenizer, data, default_data_collator, training_args, resume_from)

@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from utils.arguments import ChatDataArguments, ModelArguments, TrainingArguments, parse_args
+from utils.audit import audit_before_training
 from utils.distributed import finish
 from utils.errors import UserError, cli_entry
 from utils.modeling import build_model, context_length, load_tokenizer, model_config_for
@@ -44,10 +45,11 @@ def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args
         finish()
         return
 
-    # ===== 3. model, stopping at the end of an assistant turn when it generates =====
+    # ===== 3. model, stopping at the end of an assistant turn when it generates; the data audit =====
     resume_from = resume_checkpoint(training_args)
     model = build_model(model_args, config)
     configure_chat_generation(model, tokenizer)
+    audit_before_training("sft", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save a plain HF folder (with the chat template), evaluate =====
     collator = sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)

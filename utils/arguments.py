@@ -81,6 +81,12 @@ class CorpusArguments:
         default=os.path.join("~", ".cache", "dstrain", "tokenized"),
         metadata={"help": "Where tokenized data is kept so the next run with the same inputs reuses it."},
     )
+    audit: str = field(
+        default="error",
+        metadata={"help": "Data audit before training (utils/audit.py, also: python audit.py): error stops the run "
+                          "on a problem, warn prints it and trains anyway, off skips it.",
+                  "choices": ["error", "warn", "off"]},
+    )
 
     def __post_init__(self):
         if not self.train_files:
@@ -123,6 +129,10 @@ class ChatDataArguments(CorpusArguments):
     packing: bool = field(
         default=False, metadata={"help": "Pack several conversations per row of max_length tokens, attention "
                                          "kept inside each; otherwise pad each batch to its longest."}
+    )
+    drop_too_long: bool = field(
+        default=False, metadata={"help": "Train without the conversations whose first reply ends after max_length "
+                                         "(the audit names them) instead of stopping the run."}
     )
     preview: int = field(
         default=0, metadata={"help": "Write the first N processed rows to output_dir/preview.jsonl and stop."}

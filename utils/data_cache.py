@@ -5,6 +5,10 @@ settings, so a changed file or setting builds anew and an unchanged one is loade
 process of each node builds while the others wait (`main_process_first`); the result is
 written beside its final place and renamed, so a crash, or a second node racing on a shared
 file system, never leaves a half-written cache that a later run would trust.
+
+Beside the splits the cache keeps a small build report (`ProcessedDatasets.report`): what the
+build counted that the rows themselves no longer show (conversations dropped or cut to fit,
+documents and tokens before packing), so a run that reuses the cache can still audit them.
 """
 
 import hashlib
@@ -16,11 +20,24 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
 from utils.distributed import print0
 from utils.errors import UserError
+
+REPORT_FILE = "build_report.json"
+
+
+class ProcessedDatasets(DatasetDict):
+    """The splits training reads, plus `report`: a JSON-able dict per split of what building them
+    counted (see lm_data and sft_data), saved with the cache and loaded with it."""
+
+    def __init__(self, splits=(), report: dict | None = None):
+        super().__init__(splits)
+        self.report = report or {}
 
 
 def file_identity(path: Path) -> list:
@@ -33,8 +50,8 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def cached_datasets(cache_root: str, identity: dict, build: Callable[[Path], DatasetDict],
-                    main_process_first) -> DatasetDict:
+def cached_datasets(cache_root: str, identity: dict, build: Callable[[Path], ProcessedDatasets],
+                    main_process_first) -> ProcessedDatasets:
     """Load the datasets cached for `identity`, building them with `build(scratch_dir)` if absent."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     cache_dir = Path(cache_root) / key
@@ -43,13 +60,17 @@ def cached_datasets(cache_root: str, identity: dict, build: Callable[[Path], Dat
             print0(f"Reusing tokenized data from {cache_dir}")
         else:
             _build_into(cache_dir, build)
-        return load_from_disk(str(cache_dir))
+        report = cache_dir / REPORT_FILE
+        return ProcessedDatasets(load_from_disk(str(cache_dir)),
+                                 json.loads(report.read_text()) if report.exists() else {})
 
 
-def _build_into(cache_dir: Path, build: Callable[[Path], DatasetDict]) -> None:
+def _build_into(cache_dir: Path, build: Callable[[Path], ProcessedDatasets]) -> None:
     staging = cache_dir.with_name(f"{cache_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
-        build(staging / "scratch").save_to_disk(str(staging / "done"))
+        built = build(staging / "scratch")
+        built.save_to_disk(str(staging / "done"))
+        (staging / "done" / REPORT_FILE).write_text(json.dumps(getattr(built, "report", {})))
         try:
             os.replace(staging / "done", cache_dir)
         except OSError:
@@ -86,3 +107,20 @@ def with_validation_marks(train_items, validation_items, validation_percentage: 
         yield item, draw.random() * 100 < validation_percentage
     for item in validation_items:
         yield item, True
+
+
+def list_lengths(dataset: Dataset, column: str = "input_ids", batch_size: int = 10_000) -> np.ndarray:
+    """Length of every row's list in `column`, read in Arrow batches (no Python list per row)."""
+    parts = [pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
+             for table in dataset.with_format("arrow").iter(batch_size=batch_size)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def length_histogram(lengths: np.ndarray) -> dict[str, int]:
+    """Counts per power-of-two bucket, keyed by the bucket's upper bound: {"64": n, "128": m, ...}
+    (a length of 100 counts under "128"); the smallest bucket is "16"."""
+    if len(lengths) == 0:
+        return {}
+    exponents = np.maximum(np.ceil(np.log2(np.maximum(lengths, 1))), 4).astype(np.int64)
+    counts = np.bincount(exponents)
+    return {str(2 ** e): int(n) for e, n in enumerate(counts) if n}

@@ -3,25 +3,27 @@
 Documents are joined with an end-of-sequence token between them and cut into
 `block_size` blocks whose labels equal their inputs (the model shifts them). The
 validation split is drawn per document, before packing, so no document feeds both sides.
+Each block keeps `sources`, the documents ("path:line") its tokens come from, and the build
+report counts the documents and tokens of each split before packing, for the data audit.
 
 Tokenizing is done once (utils/data_cache.py): later runs with the same inputs load the result.
 """
 
+import bisect
+import itertools
 from pathlib import Path
 
-from datasets import DatasetDict
-
-from utils.corpus import ReadStats, expand_inputs, iter_texts
-from utils.data_cache import (cached_datasets, file_identity, records_dataset, tokenizer_identity,
-                              with_validation_marks)
+from utils.corpus import ReadStats, _line_text, expand_inputs, iter_parsed_lines, raise_if_nothing_read
+from utils.data_cache import (ProcessedDatasets, cached_datasets, file_identity, length_histogram, list_lengths,
+                              records_dataset, tokenizer_identity, with_validation_marks)
 from utils.distributed import print0
 from utils.errors import UserError
 
-CACHE_LAYOUT_VERSION = "2"  # bump when the packing below changes, so old caches are not reused
+CACHE_LAYOUT_VERSION = "3"  # bump when the packing below changes, so old caches are not reused
 
 
-def pretraining_datasets(data_args, tokenizer, block_size: int, seed: int, main_process_first) -> DatasetDict:
-    """Train (and, if any, validation) datasets of packed blocks: input_ids, attention_mask, labels."""
+def pretraining_datasets(data_args, tokenizer, block_size: int, seed: int, main_process_first) -> ProcessedDatasets:
+    """Train (and, if any, validation) datasets of packed blocks: input_ids, attention_mask, labels, sources."""
     train_files = expand_inputs(data_args.train_files, "--train_files")
     validation_files = expand_inputs(data_args.validation_files, "--validation_files") if data_args.validation_files else []
     settings = {
@@ -48,14 +50,26 @@ def pretraining_datasets(data_args, tokenizer, block_size: int, seed: int, main_
     return packed
 
 
+def _texts_with_sources(files, text_field, skip_bad_records, stats):
+    """(text, "path:line") for every document: corpus.iter_texts, keeping where each came from."""
+    def parse(raw, path, line_no):
+        text = _line_text(raw, path, line_no, text_field)
+        return (text, f"{path}:{line_no}") if text and text.strip() else None
+
+    yield from iter_parsed_lines(files, parse, skip_bad_records, stats)
+    raise_if_nothing_read(files, stats)
+
+
 def _documents(train_files, validation_files, text_field, skip_bad_records, validation_percentage, seed, stats):
-    train = iter_texts(train_files, text_field, skip_bad_records, stats["train"])
-    validation = iter_texts(validation_files, text_field, skip_bad_records, stats["validation"]) if validation_files else []
-    for text, is_validation in with_validation_marks(train, validation, validation_percentage, seed):
-        yield {"text": text, "is_validation": is_validation}
+    train = _texts_with_sources(train_files, text_field, skip_bad_records, stats["train"])
+    validation = (_texts_with_sources(validation_files, text_field, skip_bad_records, stats["validation"])
+                  if validation_files else [])
+    for (text, source), is_validation in with_validation_marks(train, validation, validation_percentage, seed):
+        yield {"text": text, "source": source, "is_validation": is_validation}
 
 
-def _tokenize_and_pack(train_files, validation_files, tokenizer, settings, num_proc, scratch: Path) -> DatasetDict:
+def _tokenize_and_pack(train_files, validation_files, tokenizer, settings, num_proc,
+                       scratch: Path) -> ProcessedDatasets:
     block_size, eos = settings["block_size"], tokenizer.eos_token_id
     stats = {"train": ReadStats(), "validation": ReadStats()}
     documents = records_dataset(
@@ -71,23 +85,34 @@ def _tokenize_and_pack(train_files, validation_files, tokenizer, settings, num_p
         # The Rust tokenizer directly: batched in parallel, and no warnings about documents
         # longer than the model's context (they are cut into blocks below).
         encodings = tokenizer.backend_tokenizer.encode_batch(batch["text"], add_special_tokens=False)
-        return {"input_ids": [enc.ids + [eos] for enc in encodings], "is_validation": batch["is_validation"]}
+        return {"input_ids": [enc.ids + [eos] for enc in encodings], "source": batch["source"],
+                "is_validation": batch["is_validation"]}
 
     def pack(batch):
         # The tail shorter than a block is dropped from each batch of 1,000 documents,
         # as run_clm.py does: at most block_size - 1 tokens per batch.
         stream = [token for doc in batch["input_ids"] for token in doc]
         usable = len(stream) - len(stream) % block_size
-        blocks = [stream[i:i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks}
+        starts = range(0, usable, block_size)
+        blocks = [stream[i:i + block_size] for i in starts]
+        ends = list(itertools.accumulate(len(doc) for doc in batch["input_ids"]))  # each document's end in stream
+        sources = [batch["source"][bisect.bisect_right(ends, i):bisect.bisect_left(ends, i + block_size) + 1]
+                   for i in starts]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks,
+                "sources": sources}
 
     tokenized = documents.map(tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc="Tokenizing")
     splits = split_by_marks(tokenized, with_validation=settings["validation_percentage"] > 0 or bool(validation_files))
-    packed = DatasetDict({
+    documents_report = {}
+    for name, split in splits.items():
+        lengths = list_lengths(split)
+        documents_report[name] = {"documents": len(lengths), "tokens": int(lengths.sum()),
+                                  "length_histogram": length_histogram(lengths)}
+    packed = ProcessedDatasets({
         name: split.map(pack, batched=True, num_proc=num_proc, remove_columns=split.column_names,
                         desc=f"Packing {name} into blocks of {block_size}")
         for name, split in splits.items()
-    })
+    }, report=documents_report)
     for name, split in packed.items():
         if len(split) == 0:
             tokens = sum(len(ids) for ids in splits[name]["input_ids"])
@@ -107,6 +132,6 @@ def split_by_marks(dataset, with_validation: bool) -> dict:
     return splits
 
 
-def _describe(packed: DatasetDict, block_size: int) -> str:
+def _describe(packed: ProcessedDatasets, block_size: int) -> str:
     sizes = ", ".join(f"{name} {len(split):,} blocks ({len(split) * block_size:,} tokens)" for name, split in packed.items())
     return f"Data: {sizes} of {block_size} tokens"

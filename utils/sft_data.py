@@ -14,7 +14,12 @@ Both find the reply by position, never by searching the text, so content that lo
 template markup (`<|im_start|>assistant`) cannot move the mask.
 
 Length. A conversation longer than max_length is cut after the last assistant reply that
-fits whole; one whose first reply does not fit is dropped. Both are counted.
+fits whole; one whose first reply does not fit is dropped. Both are counted, with the first
+of each by file and line, in the build report the data audit reads (utils/audit.py).
+
+Provenance. Every conversation keeps `source` ("path:line"); a packed row keeps `sources`, one
+per conversation in it, in order. The Trainer leaves these columns out of the batches
+(`remove_unused_columns`, on by default: they are no argument of the model's forward).
 
 Packing. Conversations are placed into rows of at most max_length tokens (best fit,
 longest first); each row carries position_ids that restart at every conversation, from which
@@ -25,23 +30,23 @@ the collator flattens a batch into one padding-free row (see PackedRowsCollator)
 
 import bisect
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq
 
-from utils.chat_data import iter_conversations
-from utils.corpus import ReadStats, expand_inputs
-from utils.data_cache import (cached_datasets, file_identity, records_dataset, tokenizer_identity,
-                              with_validation_marks)
+from utils.chat_data import conversation_from_record
+from utils.corpus import ReadStats, expand_inputs, iter_parsed_lines, parse_json_line, raise_if_nothing_read
+from utils.data_cache import (ProcessedDatasets, cached_datasets, file_identity, records_dataset,
+                              tokenizer_identity, with_validation_marks)
 from utils.distributed import print0
 from utils.errors import UserError
 from utils.lm_data import split_by_marks
 
 IGNORE = -100
-CACHE_LAYOUT_VERSION = "1"
+CACHE_LAYOUT_VERSION = "2"  # 2: source / sources columns and the build report
 # Conversations longer than the model are fitted below; the tokenizer's warning that a sequence
 # exceeds model_max_length would only mislead.
 QUIET = {"verbose": False}
@@ -136,11 +141,15 @@ def pack_into_rows(lengths: list[int], max_length: int) -> list[list[int]]:
 def packed_rows(examples: Dataset, max_length: int) -> Dataset:
     rows = pack_into_rows([len(ids) for ids in examples["input_ids"]], max_length)
     input_ids, labels = examples["input_ids"], examples["labels"]
-    return Dataset.from_dict({
+    packed = {
         "input_ids": [[t for i in row for t in input_ids[i]] for row in rows],
         "labels": [[t for i in row for t in labels[i]] for row in rows],
         "position_ids": [[p for i in row for p in range(len(input_ids[i]))] for row in rows],
-    })
+    }
+    if "source" in examples.column_names:
+        sources = examples["source"]
+        packed["sources"] = [[sources[i] for i in row] for row in rows]
+    return Dataset.from_dict(packed)
 
 
 @dataclass
@@ -199,19 +208,38 @@ def end_of_turn_id(tokenizer) -> int:
 
 def configure_chat_generation(model, tokenizer) -> None:
     """Make `generate` stop at the end of an assistant turn, not only at eos, in the saved model."""
-    stops = list(dict.fromkeys([end_of_turn_id(tokenizer), tokenizer.eos_token_id]))
-    model.generation_config.eos_token_id = stops
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    set_chat_stops(model.generation_config, tokenizer)
+
+
+def set_chat_stops(generation_config, tokenizer) -> None:
+    generation_config.eos_token_id = list(dict.fromkeys([end_of_turn_id(tokenizer), tokenizer.eos_token_id]))
+    generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+FIRST_DROPPED = 10  # how many dropped conversations the build report names
 
 
 @dataclass
 class LengthReport:
+    """What fitting to max_length did to one split; `dropped_first` names the first few dropped."""
+
     kept: int = 0
     truncated: int = 0
     dropped: int = 0
+    dropped_first: list = field(default_factory=list)  # {"source": "path:line", "first_reply_end": tokens}
+
+    def count(self, source: str, ids: list[int], labels: list[int], fitted) -> None:
+        if fitted is None:
+            self.dropped += 1
+            if len(self.dropped_first) < FIRST_DROPPED:
+                spans = assistant_spans(labels)
+                self.dropped_first.append({"source": source, "first_reply_end": spans[0][1] if spans else None})
+            return
+        self.kept += 1
+        self.truncated += len(fitted[0]) < len(ids)
 
 
-def sft_datasets(data_args, tokenizer, seed: int, main_process_first) -> DatasetDict:
+def sft_datasets(data_args, tokenizer, seed: int, main_process_first) -> ProcessedDatasets:
     """Tokenized (and, with --packing, packed) train and validation datasets for SFT."""
     train_files = expand_inputs(data_args.train_files, "--train_files")
     validation_files = expand_inputs(data_args.validation_files, "--validation_files") if data_args.validation_files else []
@@ -233,16 +261,29 @@ def sft_datasets(data_args, tokenizer, seed: int, main_process_first) -> Dataset
     )
 
 
+def _conversations_with_sources(files, data_format, system_prompt, skip_bad_records, stats):
+    """(messages, "path:line") per record: chat_data.iter_conversations, keeping where each came from."""
+    def parse(raw, path, line_no):
+        record = parse_json_line(raw, path, line_no)
+        if record is None:
+            return None
+        return conversation_from_record(record, f"{path}:{line_no}", data_format, system_prompt), f"{path}:{line_no}"
+
+    yield from iter_parsed_lines(files, parse, skip_bad_records, stats)
+    raise_if_nothing_read(files, stats, "conversations")
+
+
 def _conversations(train_files, validation_files, data_format, system_prompt, skip_bad_records,
                    validation_percentage, seed, stats):
-    read = lambda files, key: iter_conversations(files, data_format, system_prompt, skip_bad_records, stats[key])
+    read = lambda files, key: _conversations_with_sources(files, data_format, system_prompt, skip_bad_records,
+                                                          stats[key])
     validation = read(validation_files, "validation") if validation_files else []
-    for messages, is_validation in with_validation_marks(read(train_files, "train"), validation,
-                                                         validation_percentage, seed):
-        yield {"messages": messages, "is_validation": is_validation}
+    for (messages, source), is_validation in with_validation_marks(read(train_files, "train"), validation,
+                                                                   validation_percentage, seed):
+        yield {"messages": messages, "source": source, "is_validation": is_validation}
 
 
-def _build(train_files, validation_files, tokenizer, settings, scratch: Path) -> DatasetDict:
+def _build(train_files, validation_files, tokenizer, settings, scratch: Path) -> ProcessedDatasets:
     stats = {"train": ReadStats(), "validation": ReadStats()}
     conversations = records_dataset(
         _conversations, scratch, train_files=train_files, validation_files=validation_files,
@@ -254,22 +295,23 @@ def _build(train_files, validation_files, tokenizer, settings, scratch: Path) ->
     if problems:
         print0(f"Skipped {len(problems)} bad records (--skip_bad_records); first: {problems[0]}")
 
-    report = LengthReport()
-    rows = {"input_ids": [], "labels": [], "is_validation": []}
+    reports = {"train": LengthReport(), "validation": LengthReport()}
+    rows = {"input_ids": [], "labels": [], "source": [], "is_validation": []}
     for record in conversations:
         ids, labels = tokenize_conversation(tokenizer, record["messages"])
         fitted = fit_to_length(ids, labels, settings["max_length"])
+        reports["validation" if record["is_validation"] else "train"].count(record["source"], ids, labels, fitted)
         if fitted is None:
-            report.dropped += 1
             continue
-        report.truncated += len(fitted[0]) < len(ids)
-        report.kept += 1
         rows["input_ids"].append(fitted[0])
         rows["labels"].append(fitted[1])
+        rows["source"].append(record["source"])
         rows["is_validation"].append(record["is_validation"])
-    print0(f"Conversations: {report.kept:,} kept, {report.truncated:,} truncated at a turn boundary and "
-           f"{report.dropped:,} dropped (first reply longer than --max_length {settings['max_length']})")
-    if report.kept == 0:
+    kept, truncated, dropped = (sum(getattr(report, key) for report in reports.values())
+                                for key in ("kept", "truncated", "dropped"))
+    print0(f"Conversations: {kept:,} kept, {truncated:,} truncated at a turn boundary and "
+           f"{dropped:,} dropped (first reply longer than --max_length {settings['max_length']})")
+    if kept == 0:
         raise UserError(f"every conversation is longer than --max_length {settings['max_length']} "
                         "before its first reply ends; raise --max_length")
 
@@ -282,7 +324,7 @@ def _build(train_files, validation_files, tokenizer, settings, scratch: Path) ->
         splits = {name: packed_rows(split, settings["max_length"]) for name, split in splits.items()}
     for name, split in splits.items():
         print0(_describe(name, split, settings["max_length"], settings["packing"]))
-    return DatasetDict(splits)
+    return ProcessedDatasets(splits, report={name: asdict(reports[name]) for name in splits})
 
 
 def _describe(name: str, split: Dataset, max_length: int, packing: bool) -> str:
