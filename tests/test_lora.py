@@ -23,7 +23,7 @@ def lora_flags(base_model, train_file, output_dir, **overrides) -> list[str]:
         "max_steps": STEPS, "logging_steps": 1, "save_steps": STEPS // 2, "report_to": "none",
         "eval_strategy": "steps", "eval_steps": STEPS // 2, "eval_on_start": "true",
         "output_dir": output_dir, "data_cache_dir": output_dir.parent / "cache", "seed": 5,
-        "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.0,
+        "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.0, "drop_too_long": "true",
     } | overrides
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 

@@ -19,6 +19,7 @@ def sft_run(base_model, chat_file, output_dir, stage: int, packing: bool):
         "--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", str(STEPS), "--report_to", "none",
         "--validation_split_percentage", "5", "--output_dir", output_dir,
         "--data_cache_dir", output_dir.parent / "cache", "--gradient_checkpointing", "--seed", "3",
+        "--drop_too_long", "true",
     )
 
 

@@ -474,5 +474,6 @@ def test_preview_writes_the_rows_training_would_see(tmp_path, tok, base_model, p
     assert sum(packed_counts) > len(rows)  # packed: rows hold several conversations
 
     data = build(chat_args(path, tmp_path / "other_cache", max_length=128, packing=True), tok)
-    assert [{key: row[key] for key in ("input_ids", "labels", "position_ids")} for row in rows] == \
-        [data["train"][i] for i in range(2)]
+    keys = ("input_ids", "labels", "position_ids")
+    assert [{key: row[key] for key in keys} for row in rows] == [{key: data["train"][i][key] for key in keys}
+                                                                 for i in range(2)]
