@@ -3,6 +3,8 @@
 
 Chat data for sft.py / lora.py (the same flags as the run: --max_length, --packing, --data_format ...):
     python audit.py --model_name_or_path out/pt --train_files sft.jsonl --stage sft --max_length 2048
+Preference pairs for reward.py / dpo.py:
+    python audit.py --model_name_or_path out/sft --train_files prefs.jsonl --stage preference --max_length 1024
 Plain text for pretrain.py (or lora.py --stage pretrain):
     python audit.py --tokenizer_name tok --config_name llama-120m --train_files corpus/ \
         --stage pretrain --block_size 2048
@@ -20,11 +22,12 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from utils.arguments import AdapterDataArguments, ModelArguments, parse_args
+from utils.arguments import ChatOrTextDataArguments, ModelArguments, parse_args
 from utils.audit import STAGES, audit, planned_generation_config, without_training_flags
 from utils.errors import UserError, cli_entry
 from utils.lm_data import pretraining_datasets
 from utils.modeling import choose_block_size, load_tokenizer, model_config_for
+from utils.preference_data import preference_datasets
 from utils.sft_data import require_chat_template, sft_datasets
 
 
@@ -34,7 +37,7 @@ class AuditArguments:
     seed: int = field(default=42, metadata={"help": "The training run's seed: it draws the validation split."})
 
 
-def main(model_args: ModelArguments, data_args: AdapterDataArguments, audit_args: AuditArguments) -> None:
+def main(model_args: ModelArguments, data_args: ChatOrTextDataArguments, audit_args: AuditArguments) -> None:
     # ===== 1. tokenizer and model config, as the training script loads them =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     config = model_config_for(model_args, tokenizer)
@@ -42,7 +45,10 @@ def main(model_args: ModelArguments, data_args: AdapterDataArguments, audit_args
 
     # ===== 2. the processed data, as the training script builds it (and caches it for that run) =====
     single_process = lambda desc: nullcontext()  # noqa: E731
-    if chat:
+    if audit_args.stage == "preference":
+        require_chat_template(tokenizer, model_args.tokenizer_name)
+        data = preference_datasets(data_args, tokenizer, data_args.max_length, audit_args.seed, single_process)
+    elif chat:
         require_chat_template(tokenizer, model_args.tokenizer_name)
         data = sft_datasets(data_args, tokenizer, audit_args.seed, single_process)
     else:
@@ -59,7 +65,7 @@ def main(model_args: ModelArguments, data_args: AdapterDataArguments, audit_args
         raise UserError(result.error_line())
 
 
-ARGUMENTS = (ModelArguments, AdapterDataArguments, AuditArguments)
+ARGUMENTS = (ModelArguments, ChatOrTextDataArguments, AuditArguments)
 
 if __name__ == "__main__":
     cli_entry(lambda: main(*parse_args(ARGUMENTS, without_training_flags(sys.argv[1:], ARGUMENTS))))()

@@ -17,6 +17,7 @@ from transformers import set_seed
 
 from utils.arguments import (DPOTrainingArguments, ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
                              parse_args)
+from utils.audit import audit_before_training
 from utils.distributed import finish
 from utils.errors import UserError, cli_entry
 from utils.lora import quantization_config
@@ -41,12 +42,13 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     data = preference_datasets(data_args, tokenizer, training_args.max_length, training_args.seed,
                                training_args.main_process_first)
 
-    # ===== 3. the policy, and its frozen reference: a second copy, unless LoRA or precomputed =====
+    # ===== 3. the policy and its frozen reference copy (none with LoRA or precomputed); the data audit =====
     quantization = quantization_config(lora_args.quantization_bit)
     model = build_model(model_args, config, quantization)
     configure_chat_generation(model, tokenizer)
     needs_reference_copy = not (lora_args.use_lora or training_args.precompute_ref_log_probs)
     reference = build_model(model_args, config, quantization) if needs_reference_copy else None
+    audit_before_training("preference", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save (model + tokenizer + stop tokens), evaluate: reward accuracy and margins =====
     trainer = dpo_trainer(model, reference, tokenizer, data, training_args, lora_args)

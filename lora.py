@@ -50,7 +50,7 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     if data_args.stage == "sft":
         configure_chat_generation(model, tokenizer)
     model = apply_lora(model, lora_args, training_args.activation_checkpointing)
-    audit_before_training(lora_args.stage, data, tokenizer, model, data_args, training_args)
+    audit_before_training(data_args.stage, data, tokenizer, model, data_args, training_args)
     collator = (sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
                 if data_args.stage == "sft" else default_data_collator)
 

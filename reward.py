@@ -23,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 
 from utils.arguments import (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
                              RewardTrainingArguments, parse_args)
+from utils.audit import audit_before_training
 from utils.distributed import finish
 from utils.errors import UserError, cli_entry
 from utils.lora import quantization_config
@@ -47,9 +48,10 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     data = preference_datasets(data_args, tokenizer, training_args.max_length, training_args.seed,
                                training_args.main_process_first)
 
-    # ===== 3. the model's body with a new score head (LoRA adapters added by the trainer) =====
+    # ===== 3. the body with a new score head (LoRA adapters added by the trainer); the data audit =====
     model = build_model(model_args, config, quantization_config(lora_args.quantization_bit),
                         auto_class=AutoModelForSequenceClassification)
+    audit_before_training("preference", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save (model + tokenizer), evaluate: pairwise accuracy and margin =====
     trainer = reward_trainer(model, tokenizer, data, training_args, lora_args)

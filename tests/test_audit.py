@@ -11,10 +11,11 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process
-from utils.arguments import ChatDataArguments, DataArguments
+from utils.arguments import ChatDataArguments, DataArguments, PreferenceDataArguments
 from utils.audit import audit, planned_generation_config, template_end_of_turn
 from utils.data_cache import ProcessedDatasets
 from utils.lm_data import pretraining_datasets
+from utils.preference_data import preference_datasets
 from utils.sft_data import IGNORE, sft_datasets
 from utils.tokenizer_training import CHATML_TEMPLATE
 
@@ -288,6 +289,81 @@ def test_a_split_that_packing_mostly_leaves_out_is_named(tmp_path, tok, base_mod
     _, data = pretraining_data(tmp_path, tok, [text], block_size=int(tokens * 0.6))
     [finding] = audit_blocks(data, tok, base_model).findings
     assert finding.check == 5 and "block packing leaves out 4" in finding.problem and "--block_size" in finding.fix
+
+
+# ---------------------------------------------------------------- preference pairs (check 6)
+
+
+PAIRS = [{"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A rock."},
+         {"prompt": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                     {"role": "user", "content": "Name a colour."}], "chosen": "Blue.", "rejected": "Loud."},
+         {"prompt": "Say hello politely.", "chosen": "Hello, nice to meet you!", "rejected": "What do you want?"}]
+
+
+def pair_data(tmp_path, tokenizer, records=PAIRS, max_length=64):
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    args = PreferenceDataArguments(train_files=[str(path)], data_cache_dir=str(tmp_path / "cache"),
+                                   validation_split_percentage=0)
+    return path, preference_datasets(args, tokenizer, max_length, seed=1, main_process_first=only_once)
+
+
+def audit_pairs(data, tokenizer, base_model, max_length=64):
+    config = AutoConfig.from_pretrained(base_model)
+    return audit("preference", data, tokenizer, config, None, None, max_length)
+
+
+def test_clean_pairs_pass_with_the_summary(tmp_path, tok, base_model):
+    _, data = pair_data(tmp_path, tok)
+    result = audit_pairs(data, tok, base_model)
+    assert result.findings == []
+    summary = result.splits["train"]
+    train = data["train"]
+    assert summary["samples"] == summary["rows"] == 3 and summary["truncated"] == summary["dropped"] == 0
+    assert summary["trained_tokens"] == sum(len(c) + len(r) for c, r in zip(train["chosen_ids"], train["rejected_ids"]))
+    assert "Data audit (preference): 0 problems" in result.render()
+
+
+def test_identical_unclosed_and_too_long_pairs_are_named(tmp_path, tok, base_model):
+    path, data = pair_data(tmp_path, tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def corrupt(example, row):
+        if row == 0:  # the sides made equal
+            return {"rejected_ids": example["chosen_ids"]}
+        if row == 1:  # a reply cut before its end of turn
+            return {"chosen_ids": [t for t in example["chosen_ids"] if t != im_end]}
+        return {"prompt_ids": example["prompt_ids"] * 8}  # no longer fits max_length
+    broken = ProcessedDatasets({"train": data["train"].map(corrupt, with_indices=True)}, data.report)
+    result = audit_pairs(broken, tok, base_model)
+    found = {finding.problem: finding.records for finding in problems(result, 6)}
+    assert found == {
+        "pairs whose chosen and rejected replies are the same tokens": [f"{path}:1 (train pair 0)"],
+        "pairs with a reply not closed by the end-of-turn token <|im_end|> (4)": [f"{path}:2 (train pair 1)"],
+        "pairs longer than --max_length 64": [f"{path}:3 (train pair 2)"],
+    }
+    assert len(result.findings) == 3
+
+
+def test_shortened_and_dropped_pairs_reach_the_summary(tmp_path, tok, base_model):
+    long_turn = "word " * 40
+    records = [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."},
+               {"prompt": [{"role": "user", "content": long_turn}, {"role": "assistant", "content": "ok"},
+                           {"role": "user", "content": "Now?"}], "chosen": "Yes.", "rejected": "No."},
+               {"prompt": long_turn, "chosen": "Yes.", "rejected": "No."}]
+    _, data = pair_data(tmp_path, tok, records, max_length=32)
+    result = audit_pairs(data, tok, base_model, max_length=32)
+    summary = result.splits["train"]
+    assert (summary["samples"], summary["truncated"], summary["dropped"]) == (2, 1, 1)
+    assert result.findings == []  # what was fitted or dropped at build time fits
+
+
+def test_audit_script_audits_pairs(tmp_path, base_model):
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    result = run_main_in_process("audit.py", "--model_name_or_path", base_model, "--train_files", path,
+                                 "--stage", "preference", "--max_length", 64, "--validation_split_percentage", 0,
+                                 "--data_cache_dir", tmp_path / "cache")
+    assert_succeeded(result)
+    assert "Data audit (preference): 0 problems" in result.stdout
 
 
 # ---------------------------------------------------------------- the entry scripts fail the run

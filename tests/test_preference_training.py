@@ -101,6 +101,7 @@ def check_training(run, accuracy: str, margin: str) -> None:
     """Held-out pairwise accuracy >= 0.9 with a positive mean margin, falling loss, a DeepSpeed checkpoint."""
     name, output_dir, result = run
     assert "Pairs: 240 kept" in result.stdout and "Data: train 200 pairs" in result.stdout
+    assert "Data audit (preference): 0 problems" in result.stdout
     metrics = json.loads((output_dir / "eval_results.json").read_text())
     assert metrics[accuracy] >= 0.9, metrics
     assert metrics[margin] > 0, metrics

@@ -162,15 +162,21 @@ class LoraArguments:
 
 
 @dataclass
-class AdapterDataArguments(ChatDataArguments):
+class ChatOrTextDataArguments(ChatDataArguments):
+    """Chat data, or with --stage pretrain plain text (lora.py; audit.py, whose --stage has more choices)."""
+
+    text_field: str = field(default="text", metadata={"help": "--stage pretrain: the text field of JSONL records."})
+    block_size: int | None = field(default=None, metadata={"help": "--stage pretrain: tokens per block."})
+
+
+@dataclass
+class AdapterDataArguments(ChatOrTextDataArguments):
     """LoRA reads chat data (the SFT path) or, with --stage pretrain, plain text."""
 
     stage: str = field(
         default="sft", metadata={"help": "sft: chat data, loss on assistant replies; pretrain: plain text "
                                          "(continued pretraining), packed into blocks.", "choices": ["sft", "pretrain"]}
     )
-    text_field: str = field(default="text", metadata={"help": "--stage pretrain: the text field of JSONL records."})
-    block_size: int | None = field(default=None, metadata={"help": "--stage pretrain: tokens per block."})
 
 
 @dataclass

@@ -11,17 +11,13 @@ config and embedding:
    token id past the embedding, no all-zero embedding row (gathered under ZeRO-3);
 4. packed rows: position ids restart at every conversation, no trained label crosses into it;
 5. pretraining blocks: an eos between documents; the share of tokens block packing leaves out;
+6. reward/DPO pairs: chosen and rejected differ, share the prompt tokens, end their turn, fit;
 7. a summary per split: samples, tokens, trained share, truncated and dropped, length histogram.
-Every problem comes with a count and the first offending records by file:line. (Check 6,
-reward/DPO pairs, belongs to those stages: see `register_stage`.)
+Every problem comes with a count and the first offending records by file:line.
 
 Each stage registers one function over a split (`register_stage`); it returns the split's
 findings and summary. The scan reads the token columns in Arrow batches with numpy, never a
-Python loop per token, so it costs seconds where tokenizing cost minutes. Check 6 plugs in so:
-
-    def audit_pair_split(name: str, dataset: Dataset, context: AuditContext) -> SplitAudit: ...
-    register_stage("dpo", audit_pair_split, chat=True)
-    audit_before_training("dpo", data, tokenizer, model, data_args, training_args)  # in dpo.py
+Python loop per token, so it costs seconds where tokenizing cost minutes.
 """
 
 import os
@@ -335,8 +331,54 @@ def audit_block_split(name: str, dataset: Dataset, context: AuditContext) -> Spl
     return SplitAudit(findings, summary)
 
 
+# ---------------------------------------------------------------- preference pairs (reward.py, dpo.py)
+
+
+def audit_pair_split(name: str, dataset: Dataset, context: AuditContext) -> SplitAudit:
+    """Check 6 over pairs as utils/preference_data.py builds them (prompt_ids, chosen_ids,
+    rejected_ids, source). Both sides share the prompt tokens by construction: a pair holds one
+    prompt_ids, and each side is cut from a rendering that starts with exactly those tokens. Checked:
+    the sides differ, each reply is closed by the end-of-turn token (a reward model reads its score
+    after it; DPO learns to stop from it), prompt + each side fit --max_length, and every token id is
+    inside the embedding. A Python loop per pair: preference sets hold thousands of pairs, not millions."""
+    offenders = {rule: Offenders() for rule in ("identical", "unclosed", "too_long", "range")}
+    totals = {"samples": len(dataset), "rows": len(dataset), "tokens": 0, "trained_tokens": 0}
+    longest = []
+    for first_row, table in _batches(dataset):
+        where = Provenance(table, name, first_row, unit="pair")
+        columns = [table.column(key).to_pylist() for key in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        for row, (prompt, chosen, rejected) in enumerate(zip(*columns)):
+            broken = {
+                "identical": chosen == rejected,
+                "unclosed": context.end_of_turn is not None and not (context.end_of_turn in chosen
+                                                                     and context.end_of_turn in rejected),
+                "too_long": bool(context.max_length) and len(prompt) + max(len(chosen), len(rejected)) > context.max_length,
+                "range": context.embedding_rows is not None and max(prompt + chosen + rejected) >= context.embedding_rows,
+            }
+            for rule in (rule for rule, bad in broken.items() if bad):
+                offenders[rule].add(np.array([row]), where.row)
+            totals["tokens"] += 2 * len(prompt) + len(chosen) + len(rejected)
+            totals["trained_tokens"] += len(chosen) + len(rejected)
+            longest.append(len(prompt) + max(len(chosen), len(rejected)))
+    eot = _token(context.tokenizer, context.end_of_turn)
+    findings = (
+        offenders["identical"].finding(6, "pairs whose chosen and rejected replies are the same tokens",
+                                       "there is no preference to learn from them: remove them")
+        + offenders["unclosed"].finding(6, f"pairs with a reply not closed by the end-of-turn token {eot}",
+                                        "render each reply through the chat template (utils/preference_data.py)")
+        + offenders["too_long"].finding(6, f"pairs longer than --max_length {context.max_length}",
+                                        "the trainer would cut them where the two sides differ: fit them with "
+                                        "utils/preference_data.fit_pair")
+        + offenders["range"].finding(3, f"pairs with token ids past the model's {context.embedding_rows} embedding "
+                                        "rows", "an index error on the GPU: the tokenizer is not the model's"))
+    summary = {**totals, "truncated": context.report.get("truncated"), "dropped": context.report.get("dropped"),
+               "dropped_tokens": None, "lengths": length_histogram(np.array(longest, dtype=np.int64))}
+    return SplitAudit(findings, summary)
+
+
 register_stage("sft", audit_chat_split, chat=True)
 register_stage("pretrain", audit_block_split, chat=False)
+register_stage("preference", audit_pair_split, chat=True)
 
 
 # ---------------------------------------------------------------- template, tokenizer and model
@@ -534,8 +576,10 @@ def audit_before_training(stage: str, data, tokenizer, model, data_args, trainin
     """
     if data_args.audit == "off":
         return None
+    # SFT's length limit is a data argument; reward.py's and dpo.py's is TRL's training argument.
+    max_length = getattr(data_args, "max_length", None) or getattr(training_args, "max_length", None)
     result = audit(stage, data, tokenizer, model.config, getattr(model, "generation_config", None), model,
-                   getattr(data_args, "max_length", None), getattr(data_args, "drop_too_long", False))
+                   max_length, getattr(data_args, "drop_too_long", False))
     print0(result.render())
     if _on_any_rank(data_args.audit == "error" and bool(result.findings)):
         finish()

@@ -17,19 +17,20 @@ fits; one whose last user turn and longer reply do not fit even alone is dropped
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 
 from utils.chat_data import check_turn_order
 from utils.corpus import BadRecord, ReadStats, expand_inputs, iter_parsed_lines, parse_json_line, raise_if_nothing_read
-from utils.data_cache import cached_datasets, file_identity, records_dataset, tokenizer_identity, with_validation_marks
+from utils.data_cache import (ProcessedDatasets, cached_datasets, file_identity, records_dataset, tokenizer_identity,
+                              with_validation_marks)
 from utils.distributed import print0
 from utils.errors import UserError
 from utils.lm_data import split_by_marks
 
-CACHE_LAYOUT_VERSION = "1"
+CACHE_LAYOUT_VERSION = "2"  # 2: the build report (truncated, dropped per split)
 SIDES = ("chosen", "rejected")
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]*")
 QUIET = {"verbose": False}  # over-long pairs are fitted below; the tokenizer's length warning would mislead
@@ -167,13 +168,15 @@ def fit_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, max_leng
 
 @dataclass
 class FitReport:
+    """What fitting did to one split; `truncated` and `dropped` go to the build report the data audit reads."""
+
     kept: int = 0
-    shortened: int = 0
+    truncated: int = 0  # shortened by dropping their oldest turns
     dropped: int = 0
     identical: int = 0
 
 
-def preference_datasets(data_args, tokenizer, max_length: int, seed: int, main_process_first) -> DatasetDict:
+def preference_datasets(data_args, tokenizer, max_length: int, seed: int, main_process_first) -> ProcessedDatasets:
     """Train (and validation) pairs as prompt_ids / chosen_ids / rejected_ids (+ margin, source)."""
     train_files = expand_inputs(data_args.train_files, "--train_files")
     validation_files = (expand_inputs(data_args.validation_files, "--validation_files")
@@ -204,7 +207,7 @@ def _pairs(train_files, validation_files, skip_bad_records, validation_percentag
         yield {**pair, "is_validation": is_validation}
 
 
-def _build(train_files, validation_files, tokenizer, settings, scratch: Path) -> DatasetDict:
+def _build(train_files, validation_files, tokenizer, settings, scratch: Path) -> ProcessedDatasets:
     stats = {"train": ReadStats(), "validation": ReadStats()}
     pairs = records_dataset(
         _pairs, scratch, train_files=train_files, validation_files=validation_files,
@@ -215,9 +218,11 @@ def _build(train_files, validation_files, tokenizer, settings, scratch: Path) ->
     if problems:
         print0(f"Skipped {len(problems)} bad records (--skip_bad_records); first: {problems[0]}")
 
-    max_length, report = settings["max_length"], FitReport()
+    max_length = settings["max_length"]
+    reports = {"train": FitReport(), "validation": FitReport()}
     rows = {key: [] for key in ("prompt_ids", "chosen_ids", "rejected_ids", "margin", "source", "is_validation")}
     for record in pairs:
+        report = reports["validation" if record["is_validation"] else "train"]
         fitted = fit_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"], max_length)
         if fitted is None:
             report.dropped += 1
@@ -229,15 +234,17 @@ def _build(train_files, validation_files, tokenizer, settings, scratch: Path) ->
             report.identical += 1
             continue
         report.kept += 1
-        report.shortened += dropped_turns > 0
+        report.truncated += dropped_turns > 0
         for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
             rows[key].append(pair[key])
         for key in ("margin", "source", "is_validation"):
             rows[key].append(record[key])
-    print0(f"Pairs: {report.kept:,} kept, {report.shortened:,} shortened by dropping their oldest turns and "
-           f"{report.dropped:,} dropped (last user turn + reply longer than --max_length {max_length})"
-           + (f", {report.identical:,} skipped as identical after tokenizing" if report.identical else ""))
-    if report.kept == 0:
+    kept, truncated, dropped, identical = (sum(getattr(r, key) for r in reports.values())
+                                           for key in ("kept", "truncated", "dropped", "identical"))
+    print0(f"Pairs: {kept:,} kept, {truncated:,} shortened by dropping their oldest turns and "
+           f"{dropped:,} dropped (last user turn + reply longer than --max_length {max_length})"
+           + (f", {identical:,} skipped as identical after tokenizing" if identical else ""))
+    if kept == 0:
         raise UserError(f"no pair fits in --max_length {max_length}: raise it")
 
     splits = split_by_marks(Dataset.from_dict(rows),
@@ -249,7 +256,7 @@ def _build(train_files, validation_files, tokenizer, settings, scratch: Path) ->
         tokens = sum(len(p) * 2 + len(c) + len(r) for p, c, r in
                      zip(split["prompt_ids"], split["chosen_ids"], split["rejected_ids"]))
         print0(f"Data: {name} {len(split):,} pairs, {tokens:,} tokens (both sides)")
-    return DatasetDict(splits)
+    return ProcessedDatasets(splits, report={name: asdict(reports[name]) for name in splits})
 
 
 def as_reward_pairs(dataset: Dataset) -> Dataset:
