@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
+from utils.corpus import expand_inputs
 from utils.distributed import print0
 from utils.errors import UserError
 
@@ -48,6 +49,29 @@ def file_identity(path: Path) -> list:
 def tokenizer_identity(tokenizer) -> str:
     content = tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template or "") + str(tokenizer.eos_token_id)
     return hashlib.sha256(content.encode()).hexdigest()
+
+
+def corpus_datasets(data_args, kind: str, layout: str, tokenizer, settings: dict, build: Callable,
+                    main_process_first) -> ProcessedDatasets:
+    """The cached datasets of one stage over --train_files / --validation_files (see CorpusArguments).
+
+    The key holds every input file, the tokenizer, the stage (`kind`, `layout`: its cache version)
+    and `settings` (completed here with the validation share and --skip_bad_records).
+    `build(train_files, validation_files, settings, scratch_dir)` makes them when absent.
+    """
+    train_files = expand_inputs(data_args.train_files, "--train_files")
+    validation_files = (expand_inputs(data_args.validation_files, "--validation_files")
+                        if data_args.validation_files else [])
+    settings = {**settings, "skip_bad_records": data_args.skip_bad_records,
+                "validation_percentage": 0.0 if validation_files else data_args.validation_split_percentage}
+    identity = {
+        "layout": layout, "kind": kind,
+        "train": [file_identity(p) for p in train_files],
+        "validation": [file_identity(p) for p in validation_files],
+        "tokenizer": tokenizer_identity(tokenizer), **settings,
+    }
+    return cached_datasets(data_args.data_cache_dir, identity,
+                           lambda scratch: build(train_files, validation_files, settings, scratch), main_process_first)
 
 
 def cached_datasets(cache_root: str, identity: dict, build: Callable[[Path], ProcessedDatasets],

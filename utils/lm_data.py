@@ -13,9 +13,9 @@ import bisect
 import itertools
 from pathlib import Path
 
-from utils.corpus import ReadStats, _line_text, expand_inputs, iter_parsed_lines, raise_if_nothing_read
-from utils.data_cache import (ProcessedDatasets, cached_datasets, file_identity, length_histogram, list_lengths,
-                              records_dataset, tokenizer_identity, with_validation_marks)
+from utils.corpus import ReadStats, _line_text, iter_parsed_lines, raise_if_nothing_read
+from utils.data_cache import (ProcessedDatasets, corpus_datasets, length_histogram, list_lengths, records_dataset,
+                              with_validation_marks)
 from utils.distributed import print0
 from utils.errors import UserError
 
@@ -24,28 +24,11 @@ CACHE_LAYOUT_VERSION = "3"  # bump when the packing below changes, so old caches
 
 def pretraining_datasets(data_args, tokenizer, block_size: int, seed: int, main_process_first) -> ProcessedDatasets:
     """Train (and, if any, validation) datasets of packed blocks: input_ids, attention_mask, labels, sources."""
-    train_files = expand_inputs(data_args.train_files, "--train_files")
-    validation_files = expand_inputs(data_args.validation_files, "--validation_files") if data_args.validation_files else []
-    settings = {
-        "text_field": data_args.text_field,
-        "block_size": block_size,
-        "validation_percentage": 0.0 if validation_files else data_args.validation_split_percentage,
-        "seed": seed,
-        "skip_bad_records": data_args.skip_bad_records,
-    }
-    identity = {
-        "layout": CACHE_LAYOUT_VERSION,
-        "train": [file_identity(p) for p in train_files],
-        "validation": [file_identity(p) for p in validation_files],
-        "tokenizer": tokenizer_identity(tokenizer),
-        **settings,
-    }
-    packed = cached_datasets(
-        data_args.data_cache_dir, identity,
-        lambda scratch: _tokenize_and_pack(train_files, validation_files, tokenizer, settings,
-                                           data_args.preprocessing_num_workers, scratch),
-        main_process_first,
-    )
+    settings = {"text_field": data_args.text_field, "block_size": block_size, "seed": seed}
+    packed = corpus_datasets(data_args, "pretrain", CACHE_LAYOUT_VERSION, tokenizer, settings,
+                             lambda train, validation, settings, scratch: _tokenize_and_pack(
+                                 train, validation, tokenizer, settings, data_args.preprocessing_num_workers, scratch),
+                             main_process_first)
     print0(_describe(packed, block_size))
     return packed
 

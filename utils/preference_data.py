@@ -23,9 +23,8 @@ from pathlib import Path
 from datasets import Dataset
 
 from utils.chat_data import check_turn_order
-from utils.corpus import BadRecord, ReadStats, expand_inputs, iter_parsed_lines, parse_json_line, raise_if_nothing_read
-from utils.data_cache import (ProcessedDatasets, cached_datasets, file_identity, records_dataset, tokenizer_identity,
-                              with_validation_marks)
+from utils.corpus import BadRecord, ReadStats, iter_parsed_lines, parse_json_line, raise_if_nothing_read
+from utils.data_cache import ProcessedDatasets, corpus_datasets, records_dataset, with_validation_marks
 from utils.distributed import print0
 from utils.errors import UserError
 from utils.lm_data import split_by_marks
@@ -178,25 +177,11 @@ class FitReport:
 
 def preference_datasets(data_args, tokenizer, max_length: int, seed: int, main_process_first) -> ProcessedDatasets:
     """Train (and validation) pairs as prompt_ids / chosen_ids / rejected_ids (+ margin, source)."""
-    train_files = expand_inputs(data_args.train_files, "--train_files")
-    validation_files = (expand_inputs(data_args.validation_files, "--validation_files")
-                        if data_args.validation_files else [])
-    settings = {
-        "max_length": max_length,
-        "validation_percentage": 0.0 if validation_files else data_args.validation_split_percentage,
-        "seed": seed,
-        "skip_bad_records": data_args.skip_bad_records,
-    }
-    identity = {
-        "layout": CACHE_LAYOUT_VERSION, "kind": "preference",
-        "train": [file_identity(p) for p in train_files],
-        "validation": [file_identity(p) for p in validation_files],
-        "tokenizer": tokenizer_identity(tokenizer), **settings,
-    }
-    return cached_datasets(
-        data_args.data_cache_dir, identity,
-        lambda scratch: _build(train_files, validation_files, tokenizer, settings, scratch), main_process_first,
-    )
+    return corpus_datasets(data_args, "preference", CACHE_LAYOUT_VERSION, tokenizer,
+                           {"max_length": max_length, "seed": seed},
+                           lambda train, validation, settings, scratch: _build(train, validation, tokenizer, settings,
+                                                                               scratch),
+                           main_process_first)
 
 
 def _pairs(train_files, validation_files, skip_bad_records, validation_percentage, seed, stats):

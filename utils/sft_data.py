@@ -38,9 +38,8 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq
 
 from utils.chat_data import conversation_from_record
-from utils.corpus import ReadStats, expand_inputs, iter_parsed_lines, parse_json_line, raise_if_nothing_read
-from utils.data_cache import (ProcessedDatasets, cached_datasets, file_identity, records_dataset,
-                              tokenizer_identity, with_validation_marks)
+from utils.corpus import ReadStats, iter_parsed_lines, parse_json_line, raise_if_nothing_read
+from utils.data_cache import ProcessedDatasets, corpus_datasets, records_dataset, with_validation_marks
 from utils.distributed import print0
 from utils.errors import UserError
 from utils.lm_data import split_by_marks
@@ -241,24 +240,12 @@ class LengthReport:
 
 def sft_datasets(data_args, tokenizer, seed: int, main_process_first) -> ProcessedDatasets:
     """Tokenized (and, with --packing, packed) train and validation datasets for SFT."""
-    train_files = expand_inputs(data_args.train_files, "--train_files")
-    validation_files = expand_inputs(data_args.validation_files, "--validation_files") if data_args.validation_files else []
-    settings = {
-        "data_format": data_args.data_format, "system_prompt": data_args.system_prompt,
-        "max_length": data_args.max_length, "packing": data_args.packing, "seed": seed,
-        "validation_percentage": 0.0 if validation_files else data_args.validation_split_percentage,
-        "skip_bad_records": data_args.skip_bad_records,
-    }
-    identity = {
-        "layout": CACHE_LAYOUT_VERSION, "kind": "sft",
-        "train": [file_identity(p) for p in train_files],
-        "validation": [file_identity(p) for p in validation_files],
-        "tokenizer": tokenizer_identity(tokenizer), **settings,
-    }
-    return cached_datasets(
-        data_args.data_cache_dir, identity,
-        lambda scratch: _build(train_files, validation_files, tokenizer, settings, scratch), main_process_first,
-    )
+    settings = {"data_format": data_args.data_format, "system_prompt": data_args.system_prompt,
+                "max_length": data_args.max_length, "packing": data_args.packing, "seed": seed}
+    return corpus_datasets(data_args, "sft", CACHE_LAYOUT_VERSION, tokenizer, settings,
+                           lambda train, validation, settings, scratch: _build(train, validation, tokenizer, settings,
+                                                                               scratch),
+                           main_process_first)
 
 
 def _conversations_with_sources(files, data_format, system_prompt, skip_bad_records, stats):
