@@ -141,3 +141,33 @@ def chat_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("chat") / "docs_chat.jsonl"
     path.write_text("".join(json.dumps(chat) + "\n" for chat in documentation_chats()), encoding="utf-8")
     return path
+
+
+# The uninterrupted 2-rank pretraining runs (train_flags: 12 steps, a checkpoint every 6) that the
+# pretraining, resume and elastic-resume tests all compare against: run once per session.
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tokenized")
+
+
+@pytest.fixture(scope="session")
+def zero2_run(tmp_path_factory, tokenizer_dir, docs_corpus, cache_dir):
+    output_dir = tmp_path_factory.mktemp("zero2") / "out"
+    result = run_deepspeed("pretrain.py", "--deepspeed", REPO / "ds_configs/zero2.json",
+                           *train_flags(tokenizer_dir, docs_corpus, output_dir, cache_dir))
+    assert_succeeded(result)
+    return output_dir, result
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory, tokenizer_dir, docs_corpus, cache_dir):
+    """ZeRO-3, with every argument in a JSON file and one flag overriding it."""
+    workdir = tmp_path_factory.mktemp("zero3")
+    flags = train_flags(tokenizer_dir, docs_corpus, workdir / "out", cache_dir, learning_rate=1.0)
+    config = {flags[i][2:]: flags[i + 1] for i in range(0, len(flags), 2)}
+    config |= {"deepspeed": str(REPO / "ds_configs/zero3.json"), "train_files": [str(docs_corpus)],
+               "_comment": "learning_rate below is overridden on the command line"}
+    (workdir / "run.json").write_text(json.dumps(config))
+    result = run_deepspeed("pretrain.py", workdir / "run.json", "--learning_rate", "5e-3")
+    assert_succeeded(result)
+    return workdir / "out", result

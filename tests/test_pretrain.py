@@ -16,34 +16,6 @@ from conftest import (PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, REPO, assert_succeede
 STEPS, SAVE_EVERY = PRETRAIN_STEPS, PRETRAIN_SAVE_EVERY
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tokenized")
-
-
-@pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory, tokenizer_dir, docs_corpus, cache_dir):
-    output_dir = tmp_path_factory.mktemp("zero2") / "out"
-    result = run_deepspeed("pretrain.py", "--deepspeed", REPO / "ds_configs/zero2.json",
-                           *train_flags(tokenizer_dir, docs_corpus, output_dir, cache_dir))
-    assert_succeeded(result)
-    return output_dir, result
-
-
-@pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory, tokenizer_dir, docs_corpus, cache_dir):
-    """ZeRO-3, with every argument in a JSON file and one flag overriding it."""
-    workdir = tmp_path_factory.mktemp("zero3")
-    flags = train_flags(tokenizer_dir, docs_corpus, workdir / "out", cache_dir, learning_rate=1.0)
-    config = {flags[i][2:]: flags[i + 1] for i in range(0, len(flags), 2)}
-    config |= {"deepspeed": str(REPO / "ds_configs/zero3.json"), "train_files": [str(docs_corpus)],
-               "_comment": "learning_rate below is overridden on the command line"}
-    (workdir / "run.json").write_text(json.dumps(config))
-    result = run_deepspeed("pretrain.py", workdir / "run.json", "--learning_rate", "5e-3")
-    assert_succeeded(result)
-    return workdir / "out", result
-
-
 def assert_loss_falls(output_dir: Path) -> None:
     losses = logged_losses(output_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
