@@ -67,7 +67,7 @@ def assert_succeeded(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-PRETRAIN_STEPS, PRETRAIN_SAVE_EVERY = 12, 6
+PRETRAIN_STEPS, PRETRAIN_SAVE_EVERY = 12, 4
 
 
 def train_flags(tokenizer_dir, corpus, output_dir, cache_dir, **overrides) -> list[str]:
@@ -143,7 +143,7 @@ def chat_file(tmp_path_factory) -> Path:
     return path
 
 
-# The uninterrupted 2-rank pretraining runs (train_flags: 12 steps, a checkpoint every 6) that the
+# The uninterrupted 2-rank pretraining runs (train_flags: 12 steps, a checkpoint every 4) that the
 # pretraining, resume and elastic-resume tests all compare against: run once per session.
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:

@@ -202,6 +202,11 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Train from scratch even if output_dir already holds checkpoints."}
     )
+    # Elastic resume (utils/elastic.py)
+    keep_global_batch_size: bool = field(
+        default=True, metadata={"help": "Resuming on another number of ranks: recompute gradient accumulation so the "
+                                        "global batch stays the checkpoint's (false: keep the flags as given)."}
+    )
 
     def __post_init__(self):
         # transformers 5 dropped --warmup_ratio but reads a float warmup_steps < 1 as a ratio.

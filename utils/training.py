@@ -7,12 +7,21 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from utils.distributed import print0
+from utils.elastic import adapt_to_world_size
 from utils.errors import UserError
 
 RESUME_LAST = {"last", "true", "True", "latest"}
 
 
 def resume_checkpoint(args) -> str | None:
+    """Which checkpoint to resume from, if any; one written by another number of ranks is made
+    loadable here (utils/elastic.py), before the Trainer reads the batch arguments."""
+    checkpoint = choose_checkpoint(args)
+    adapt_to_world_size(args, checkpoint)
+    return checkpoint
+
+
+def choose_checkpoint(args) -> str | None:
     """Which checkpoint to resume from, if any.
 
     `--resume_from_checkpoint last` continues from the newest checkpoint in output_dir and
