@@ -1,6 +1,6 @@
-"""launch/: the same tiny pretraining as one node of 2 ranks, as two nodes of one rank (two
-launchers on this machine, as on two hosts without ssh, and through slurm.sbatch with a stand-in
-srun), pre-flight refusals, and a dying rank ending the job."""
+"""launch/: the tiny pretraining of conftest's zero2_run as two nodes of one rank (slurm.sbatch with a
+stand-in srun starting launch/no_ssh.sh on each "node" of this machine), pre-flight refusals, and
+single_node.sh's per-rank logs and a dying rank ending the job."""
 
 import json
 import os
@@ -34,41 +34,6 @@ def flags(tmp_path_factory, tokenizer_dir, docs_corpus):
                                             *train_flags(tokenizer_dir, docs_corpus, output_dir, cache, **overrides)]
 
 
-@pytest.fixture(scope="module")
-def single_node_run(tmp_path_factory, flags):
-    output_dir = tmp_path_factory.mktemp("single") / "out"
-    result = run_launcher("single_node.sh", "pretrain.py", *flags(output_dir), env=launcher_env(NGPU="2"))
-    assert_succeeded(result)
-    return output_dir
-
-
-def test_single_node_keeps_a_log_per_rank(single_node_run):
-    logs = sorted((single_node_run / "logs").glob("rank*.log"))
-    assert [log.name for log in logs] == ["rank0.log", "rank1.log"]
-    assert "Data: train" in logs[0].read_text()  # rank 0 talks; rank 1 prints nothing but errors
-
-
-def two_nodes(flags, output_dir, **extra_env):
-    """Two no_ssh launchers side by side: node 0 and node 1 of one rank each, meeting over loopback."""
-    port = str(free_port())
-    common = dict(NNODES="2", NGPU="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
-    nodes = [subprocess.Popen(["bash", str(LAUNCH / "no_ssh.sh"), "pretrain.py", *map(str, flags(output_dir))],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=launcher_env(NODE_RANK=str(rank), **common)) for rank in (0, 1)]
-    return [subprocess.CompletedProcess(node.args, node.wait(timeout=600), *node.communicate()) for node in nodes]
-
-
-def test_two_nodes_of_one_rank_match_one_node_of_two(tmp_path, flags, single_node_run):
-    output_dir = tmp_path / "out"
-    for node in two_nodes(flags, output_dir):
-        assert_succeeded(node)
-    assert sorted(p.name for p in (output_dir / "logs").glob("rank*.log")) == ["rank0.log", "rank1.log"]
-    single, multi = logged_losses(single_node_run), logged_losses(output_dir)
-    assert sorted(multi) == sorted(single)
-    for step in single:
-        assert multi[step] == pytest.approx(single[step], abs=1e-4), (step, single, multi)
-
-
 FAKE_SRUN = """#!/usr/bin/env bash
 # Stands in for SLURM's srun on one machine: runs the task once per node of the allocation,
 # with SLURM_NODEID set, and fails if any node fails (as --kill-on-bad-exit would).
@@ -81,8 +46,10 @@ exit $status
 """
 
 
-def test_slurm_script_derives_nodes_master_and_ranks(tmp_path, flags, single_node_run):
-    """slurm.sbatch run as SLURM would run it on a 2-node allocation (a stand-in srun, no scontrol)."""
+def test_slurm_script_runs_two_nodes_that_match_one_node_of_two(tmp_path, flags, zero2_run):
+    """slurm.sbatch run as SLURM would run it on a 2-node allocation (a stand-in srun, no scontrol):
+    it derives nodes, master and ranks and starts launch/no_ssh.sh once per node, so this is also the
+    test of two no-ssh nodes of one rank each. Same flags as conftest's 2-rank zero2_run, same losses."""
     srun = tmp_path / "srun"
     srun.write_text(FAKE_SRUN)
     srun.chmod(0o755)
@@ -91,7 +58,9 @@ def test_slurm_script_derives_nodes_master_and_ranks(tmp_path, flags, single_nod
                        SLURM_SUBMIT_DIR=str(REPO), SRUN=str(srun), MASTER_PORT=str(free_port()))
     result = run_launcher("slurm.sbatch", "pretrain.py", *flags(output_dir), env=env)
     assert_succeeded(result)
-    assert logged_losses(output_dir) == pytest.approx(logged_losses(single_node_run), abs=1e-4)
+    assert sorted(p.name for p in (output_dir / "logs").glob("rank*.log")) == ["rank0.log", "rank1.log"]
+    single_node_dir, _ = zero2_run
+    assert logged_losses(output_dir) == pytest.approx(logged_losses(single_node_dir), abs=1e-4)
 
 
 @pytest.mark.parametrize("setup, fragment", [
@@ -122,8 +91,9 @@ def test_preflight_refuses_a_job_that_cannot_work(tmp_path, flags, setup, fragme
     assert time.monotonic() - started < 60
 
 
-def test_a_killed_rank_ends_the_job_promptly(tmp_path, flags):
-    """SIGKILL one rank mid-run: the launcher stops the other and exits non-zero within seconds."""
+def test_single_node_logs_each_rank_and_a_killed_rank_ends_the_job_promptly(tmp_path, flags):
+    """single_node.sh keeps a log per rank; SIGKILL one rank mid-run: the launcher stops the other and
+    exits non-zero within seconds."""
     output_dir = tmp_path / "out"
     job = subprocess.Popen(["bash", str(LAUNCH / "single_node.sh"), "pretrain.py",
                             *map(str, flags(output_dir, max_steps=100000, save_steps=100000))],
@@ -146,6 +116,8 @@ def test_a_killed_rank_ends_the_job_promptly(tmp_path, flags):
         assert returncode != 0
         assert time.monotonic() - killed < 30
         assert subprocess.run(["pgrep", "-f", "pretrain.py --local_rank="]).returncode == 1  # no survivors
+        assert "Data: train" in logs[0].read_text()  # rank 0 talks; rank 1 prints nothing but errors
+        assert "Data: train" not in logs[1].read_text()
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
