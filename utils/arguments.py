@@ -15,7 +15,7 @@ import trl
 from transformers import HfArgumentParser
 
 from utils.chat_data import FORMATS
-from utils.distributed import prepare_cpu_ranks
+from utils.distributed import prepare_cpu_ranks, release_shared_memory_names
 from utils.errors import UserError
 
 
@@ -235,6 +235,7 @@ class TrainingArguments(transformers.TrainingArguments):
         except ValueError as error:
             raise UserError(f"invalid training arguments: {str(error).splitlines()[0]}") from None
         check_deepspeed_config_agrees(self)
+        release_shared_memory_names()  # DeepSpeed's CPU comm buffers exist from here on
 
 
 

@@ -51,6 +51,25 @@ def prepare_cpu_ranks() -> bool:
     return True
 
 
+def release_shared_memory_names() -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has opened it.
+
+    On CPU ranks DeepSpeed's shm comm op creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (66 MB each) and never removes it: every run, finished or killed, left its buffers behind, and
+    a day of test runs filled this machine's /dev/shm (RAM) with 21 GB until runs hung. Each rank
+    opens its peers' buffers while DeepSpeed initialises, so after a barrier the names are no longer
+    needed; unlinking them then lets the memory go when the processes end, however they end.
+    """
+    if not (launched_on_cpu_ranks() and dist.is_available() and dist.is_initialized()):
+        return
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    buffer = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}")
+    if not buffer.exists():
+        return
+    dist.barrier()
+    buffer.unlink(missing_ok=True)
+
+
 def finish() -> None:
     """End a distributed run cleanly.
 
