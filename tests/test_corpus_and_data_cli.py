@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean_error, assert_succeeded, run_main_in_process, run_script
+from conftest import assert_clean_error, assert_succeeded, run_main_in_process
 from utils.corpus import BadRecord, ReadStats, expand_inputs, iter_texts
 from utils.errors import UserError
 
@@ -18,7 +18,7 @@ CHINESE = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？
 
 
 def data_cli(*args):
-    return run_script("data.py", *args)
+    return run_main_in_process("data.py", *args)
 
 
 def write(path: Path, content: str | bytes) -> Path:
