@@ -109,13 +109,15 @@ def test_single_node_logs_each_rank_and_a_killed_rank_ends_the_job_promptly(tmp_
         while not training_started():
             assert time.monotonic() < deadline and job.poll() is None, "training never started"
             time.sleep(1)
-        rank1 = subprocess.run(["pgrep", "-f", "-n", "pretrain.py --local_rank=1"], capture_output=True, text=True)
+        # This job's ranks only (its output folder is in their command lines): other jobs may be running.
+        rank1 = subprocess.run(["pgrep", "-f", f"pretrain.py --local_rank=1 .*{output_dir}"], capture_output=True,
+                               text=True)
         os.kill(int(rank1.stdout.split()[0]), signal.SIGKILL)
         killed = time.monotonic()
         returncode = job.wait(timeout=60)
         assert returncode != 0
         assert time.monotonic() - killed < 30
-        assert subprocess.run(["pgrep", "-f", "pretrain.py --local_rank="]).returncode == 1  # no survivors
+        assert subprocess.run(["pgrep", "-f", f"pretrain.py --local_rank=.*{output_dir}"]).returncode == 1  # no survivors
         assert "Data: train" in logs[0].read_text()  # rank 0 talks; rank 1 prints nothing but errors
         assert "Data: train" not in logs[1].read_text()
     finally:
