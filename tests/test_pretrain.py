@@ -106,16 +106,3 @@ def test_resume_continues_at_the_right_step_with_the_same_data_order(zero2_run, 
     assert "Reusing tokenized data" in result.stdout
     assert "Tokenizing" not in result.stdout + result.stderr
 
-
-def test_zero3_offload_trains_and_reports_to_wandb_offline(tmp_path, tokenizer_dir, docs_corpus, cache_dir):
-    """ds_configs/zero3_offload.json (optimizer and parameters in CPU memory) runs end to end, and
-    --report_to wandb (offline here) keeps its run files beside the checkpoints."""
-    output_dir = tmp_path / "out"
-    result = run_deepspeed("pretrain.py", "--deepspeed", REPO / "ds_configs/zero3_offload.json",
-                           *train_flags(tokenizer_dir, docs_corpus, output_dir, cache_dir, max_steps=4, save_steps=4,
-                                        report_to="wandb"))
-    assert_succeeded(result)
-    assert sorted(logged_losses(output_dir)) == [1, 2, 3, 4]
-    assert_deepspeed_checkpoint(output_dir / "checkpoint-4", 4)
-    assert list(output_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert_loads_and_generates(output_dir)

@@ -17,6 +17,7 @@ from transformers import HfArgumentParser
 from utils.chat_data import FORMATS
 from utils.distributed import prepare_cpu_ranks, release_shared_memory_names
 from utils.errors import UserError
+from utils.monitoring import configure_reporting
 
 
 @dataclass
@@ -207,6 +208,23 @@ class TrainingArguments(transformers.TrainingArguments):
         default=True, metadata={"help": "Resuming on another number of ranks: recompute gradient accumulation so the "
                                         "global batch stays the checkpoint's (false: keep the flags as given)."}
     )
+    # Monitoring (utils/monitoring.py)
+    wandb_project: str | None = field(
+        default=None, metadata={"help": "WandB project (default: $WANDB_PROJECT, else dstrain). The run's name is --run_name."}
+    )
+    wandb_group: str | None = field(default=None, metadata={"help": "WandB run group (or $WANDB_RUN_GROUP)."})
+    wandb_tags: str | None = field(default=None, metadata={"help": "Comma-separated WandB tags (or $WANDB_TAGS)."})
+    peak_tflops: float | None = field(
+        default=None, metadata={"help": "Peak TFLOPs of one device for the MFU estimate; GPUs in utils/monitoring.py's "
+                                        "table are known, CPU runs log MFU only with this flag."}
+    )
+    sample_every: int = field(
+        default=0, metadata={"help": "Every N steps, continue the --sample_prompts greedily and log the text (0: never)."}
+    )
+    sample_prompts: list[str] | None = field(
+        default=None, metadata={"help": "Prompts for --sample_every, or one .txt (a prompt per line) or .json (a list) file."}
+    )
+    sample_max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per sample prompt."})
 
     def __post_init__(self):
         # transformers 5 dropped --warmup_ratio but reads a float warmup_steps < 1 as a ratio.
@@ -230,6 +248,7 @@ class TrainingArguments(transformers.TrainingArguments):
         # WandB writes its run files (offline runs included) beside the run, not into the cwd.
         if "wandb" in (self.report_to if isinstance(self.report_to, list) else [self.report_to or ""]):
             os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(self.output_dir or ".")))
+        configure_reporting(self)  # WandB project/group/tags, SwanLab present, sample prompts
         try:
             super().__post_init__()
         except ValueError as error:
@@ -333,6 +352,10 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     # No abbreviations: a mistyped flag such as --learning_rat must fail, not match a longer one.
     parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # HF reports unknown flags this way
         raise UserError(str(error).splitlines()[0]) from None
+    for arguments in parsed:  # the monitor logs every dataclass of the run as its config (utils/monitoring.py)
+        if isinstance(arguments, TrainingArguments):
+            arguments.run_arguments = [other for other in parsed if other is not arguments]
+    return parsed

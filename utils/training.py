@@ -9,6 +9,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from utils.distributed import print0
 from utils.elastic import adapt_to_world_size
 from utils.errors import UserError
+from utils.monitoring import add_monitoring
 
 RESUME_LAST = {"last", "true", "True", "latest"}
 
@@ -62,6 +63,8 @@ def train_save_evaluate(model, tokenizer, data, data_collator, args, resume_from
 
 
 def train_and_save(trainer, tokenizer, resume_from: str | None) -> None:
+    # Monitoring: tokens/s, MFU, memory, eval perplexity and sample generations in every log entry.
+    add_monitoring(trainer)
     if resume_from:
         print0(f"Resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
