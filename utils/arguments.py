@@ -202,6 +202,17 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Train from scratch even if output_dir already holds checkpoints."}
     )
+    # Reliability (utils/faults.py, utils/checkpoints.py)
+    nonfinite_loss: str = field(
+        default="stop", metadata={"help": "A NaN/inf training loss on any rank: stop stops every rank with a line "
+                                          "naming the step; skip trains that micro-batch with zero gradient and "
+                                          "counts it (nonfinite_skipped in train_results.json).",
+                                  "choices": ["stop", "skip"]}
+    )
+    check_disk_space: bool = field(
+        default=True, metadata={"help": "Before training, refuse to start when output_dir's filesystem has no room "
+                                        "for one checkpoint (weights + optimizer states)."}
+    )
 
     def __post_init__(self):
         # transformers 5 dropped --warmup_ratio but reads a float warmup_steps < 1 as a ratio.
