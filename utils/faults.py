@@ -21,7 +21,7 @@ from utils.distributed import print0, rank
 from utils.errors import UserError
 
 FAULT_ENV = "DSTRAIN_FAULT"
-FAULT_PHASES = ("train", "save", "shard", "nan")
+FAULT_PHASES = ("train", "save", "shard", "nan", "grad")
 
 
 def _every_rank(value: torch.Tensor) -> torch.Tensor:
@@ -56,10 +56,11 @@ class NonFiniteGuard:
         step = self.trainer.state.global_step + 1
         where = ", ".join(f"{value} on rank {r}" for r, value in bad.items())
         if self.policy != "skip":
-            raise UserError(f"step {step}: the training loss is {where}; stopping (resume with --resume_from_checkpoint "
-                            "last, e.g. with a lower learning rate, or pass --nonfinite_loss skip to skip such batches)")
+            raise UserError(f"step {step}: the training loss is {where}; stopping (resume with "
+                            "--resume_from_checkpoint last, e.g. with a lower learning rate, or pass "
+                            "--nonfinite_loss skip to skip such batches)")
         self.skipped += 1
-        print0(f"step {step}: the training loss is {where}; this micro-batch is skipped "
+        print0(f"step {step}: the training loss is {where}; this micro-batch is skipped on every rank "
                f"({self.skipped} skipped so far)")
         zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
         return (zero, *result[1:]) if isinstance(result, tuple) else zero
@@ -115,7 +116,8 @@ class Fault:
            and `latest`, before the RNG states and trainer_state.json;
     shard: is SIGKILLed right after writing its own ZeRO optimizer shard (other ranks' shards and
            `latest` may or may not be there);
-    nan:   computes a NaN loss for its first micro-batch of that step."""
+    nan:   computes a NaN loss for its first micro-batch of that step;
+    grad:  keeps that micro-batch's loss finite but makes its gradients NaN."""
 
     rank: int
     step: int
@@ -176,12 +178,25 @@ def install_fault(trainer) -> None:
     else:
         compute_loss, fired = trainer.compute_loss, []
 
-        def nan_loss(model, inputs, *args, **kwargs):
+        def faulty_loss(model, inputs, *args, **kwargs):
             result = compute_loss(model, inputs, *args, **kwargs)
             if model.training and trainer.state.global_step + 1 == fault.step and not fired:
                 fired.append(True)
-                loss = (result[0] if isinstance(result, tuple) else result) * float("nan")
+                loss = result[0] if isinstance(result, tuple) else result
+                loss = loss * float("nan") if fault.phase == "nan" else _NanGradient.apply(loss)
                 return (loss, *result[1:]) if isinstance(result, tuple) else loss
             return result
 
-        trainer.compute_loss = nan_loss
+        trainer.compute_loss = faulty_loss
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; NaN backward (a finite loss whose gradients blow up)."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return gradient * float("nan")
