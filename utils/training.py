@@ -80,7 +80,7 @@ def train_and_save(trainer, tokenizer, resume_from: str | None) -> None:
     nonfinite = NonFiniteGuard(trainer, getattr(trainer.args, "nonfinite_loss", "stop"))
     trainer.add_callback(NumericalHealthCallback(trainer))
     wait_for_every_rank_to_save(trainer)
-    if getattr(trainer.args, "check_disk_space", True) and trainer.args.should_save:
+    if getattr(trainer.args, "check_disk_space", True):  # every rank, so all stop together (each writes a shard)
         check_free_space(trainer.args.output_dir, checkpoint_bytes_estimate(trainer.model))
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
