@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
-
 from conftest import REPO, assert_clean_error, run_deepspeed, run_script
 
 QUICK = ["--config_name", "tiny", "--block_size", "32", "--per_device_train_batch_size", "2",
@@ -42,15 +40,7 @@ def test_model_and_tokenizer_that_disagree(tmp_path, tokenizer_dir, base_model, 
     assert_clean_error(result, "vocab_size 1000", "1050 tokens")
 
 
-@pytest.mark.parametrize("case, lines, expected", [
-    ("malformed", [good_record(1), '{"text": "cut off', good_record(3)], ["bad.jsonl:2", "malformed JSON"]),
-    ("no_text_field", [good_record(1), '{"content": "x"}'], ["bad.jsonl:2", "no 'text' field"]),
-    ("invalid_utf8", [good_record(1), b'{"text": "\xff\xfe"}'], ["bad.jsonl:2", "invalid UTF-8"]),
-    ("empty", [], ["bad.jsonl", "empty"]),
-])
-def test_bad_corpus(tmp_path, tokenizer_dir, case, lines, expected):
-    corpus = write_lines(tmp_path / "bad.jsonl", *lines)
-    assert_clean_error(pretrain(tmp_path, tokenizer_dir, *QUICK, "--train_files", corpus), *expected)
+# Broken corpora (truncated JSON, no text field, invalid UTF-8, empty file): tests/test_bad_inputs.py.
 
 
 def test_missing_corpus_file(tmp_path, tokenizer_dir):

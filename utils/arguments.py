@@ -225,6 +225,17 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None, metadata={"help": "Prompts for --sample_every, or one .txt (a prompt per line) or .json (a list) file."}
     )
     sample_max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per sample prompt."})
+    # Reliability (utils/faults.py, utils/checkpoints.py)
+    nonfinite_loss: str = field(
+        default="stop", metadata={"help": "A NaN/inf training loss on any rank: stop stops every rank with a line "
+                                          "naming the step; skip trains that micro-batch with zero gradient and "
+                                          "counts it (nonfinite_skipped in train_results.json).",
+                                  "choices": ["stop", "skip"]}
+    )
+    check_disk_space: bool = field(
+        default=True, metadata={"help": "Before training, refuse to start when output_dir's filesystem has no room "
+                                        "for one checkpoint (weights + optimizer states)."}
+    )
 
     def __post_init__(self):
         # transformers 5 dropped --warmup_ratio but reads a float warmup_steps < 1 as a ratio.

@@ -24,7 +24,9 @@ def cli_entry(main):
             return main(*args, **kwargs)
         except UserError as error:
             message = " ".join(str(error).split("\n"))
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            # One write, so the lines of ranks failing at the same moment do not run into each other.
+            sys.stderr.write(f"error: {message}\n")
+            sys.stderr.flush()
             sys.exit(2)
 
     return wrapper
