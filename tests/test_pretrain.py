@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, REPO, assert_succeeded, logged_losses, run_deepspeed,
-                      train_flags)
+from conftest import PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, logged_losses
 
 STEPS, SAVE_EVERY = PRETRAIN_STEPS, PRETRAIN_SAVE_EVERY
 
