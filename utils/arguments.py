@@ -264,8 +264,8 @@ class TrainingArguments(transformers.TrainingArguments):
             super().__post_init__()
         except ValueError as error:
             raise UserError(f"invalid training arguments: {str(error).splitlines()[0]}") from None
+        release_shared_memory_names()  # DeepSpeed's CPU comm buffers exist from here on; before any check can stop us
         check_deepspeed_config_agrees(self)
-        release_shared_memory_names()  # DeepSpeed's CPU comm buffers exist from here on
 
 
 

@@ -209,10 +209,10 @@ def keep_each_param_groups_hyperparameters() -> None:
     - it gives every group the same `step` tensor object, which torch's Adam increments in place
       once per group: with two groups the bias correction ran two steps per step.
     Together they made the resumed tiny test run drift from the uninterrupted one by 0.006 in loss
-    within 5 steps. This wrapper puts each group's own saved values back and gives each its own
-    step counter after DeepSpeed's load; the tensors loaded are DeepSpeed's.
+    within 5 steps. This wrapper gives each group back its own hyperparameters as this run built
+    them (the same flags; the learning rate, shared by HF's groups, stays the loaded one) and its
+    own step counter after DeepSpeed's load; the tensors loaded are DeepSpeed's.
     """
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
     load = DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3
@@ -220,13 +220,11 @@ def keep_each_param_groups_hyperparameters() -> None:
         return
 
     def load_keeping_param_groups(optimizer, checkpoint_dir):
+        groups = optimizer.optimizer.param_groups
+        own = [{key: value for key, value in group.items() if key not in ("params", "lr")} for group in groups]
         load(optimizer, checkpoint_dir)
-        saved = torch.load(os.path.join(checkpoint_dir, "zero", "optimizer_state.pt"), map_location="cpu",
-                           weights_only=False)[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
-        # (weights_only=False: the file pickles DeepSpeed objects; DeepSpeed just loaded it the same way.)
-        if len(saved) == len(optimizer.optimizer.param_groups):
-            for group, saved_group in zip(optimizer.optimizer.param_groups, saved):
-                group.update({key: value for key, value in saved_group.items() if key != "params"})
+        for group, values in zip(groups, own):
+            group.update(values)
         for state in optimizer.optimizer.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
