@@ -5,9 +5,11 @@ import io
 import json
 import os
 import runpy
+import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -32,10 +34,32 @@ def script_env(**extra) -> dict:
     return env
 
 
+def run_job(command, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run a command (and whatever it starts: DeepSpeed's launcher starts one process per rank) to
+    its end, output captured. One that overstays `timeout` fails the test with each rank's Python
+    stacks (the scripts print them on SIGUSR1), and none of its processes outlives it: a
+    subprocess.run timeout kills the launcher alone and would leave hung ranks spinning for the
+    rest of the session."""
+    with subprocess.Popen(list(map(str, command)), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env or script_env(), start_new_session=True) as job:
+        try:
+            stdout, stderr = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ranks = subprocess.run(["pgrep", "-s", str(job.pid), "-f", "--", "--local_rank="],
+                                   capture_output=True, text=True).stdout.split()
+            for pid in ranks:
+                os.kill(int(pid), signal.SIGUSR1)
+            time.sleep(5)
+            os.killpg(job.pid, signal.SIGKILL)
+            stdout, stderr = job.communicate()
+            pytest.fail(f"{' '.join(map(str, command[:6]))} ... did not end within {timeout} s; killed. The ranks' "
+                        f"stacks and the output's end:\n{stdout[-3000:]}\n{stderr[-12000:]}", pytrace=False)
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+
+
 def run_script(*args, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
     """Run `python <args>` in the repo; returns the finished process (output captured)."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env or script_env())
+    return run_job([sys.executable, *args], cwd=cwd, timeout=timeout, env=env)
 
 
 def run_main_in_process(script: str, *args) -> subprocess.CompletedProcess:
@@ -95,8 +119,8 @@ def free_port() -> int:
 
 def run_deepspeed(script, *args, ranks=2, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N script ...`: N CPU ranks here, N GPUs where there are some."""
-    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or script_env())
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+    return run_job(command, cwd=cwd, timeout=timeout, env=env)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

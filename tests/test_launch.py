@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_clean_error, assert_succeeded, free_port, logged_losses, script_env, train_flags
+from conftest import (REPO, assert_clean_error, assert_succeeded, free_port, logged_losses, run_job, script_env,
+                      train_flags)
 
 LAUNCH = REPO / "launch"
 
@@ -23,8 +24,7 @@ def launcher_env(**extra) -> dict:
 
 
 def run_launcher(script, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LAUNCH / script), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env or launcher_env())
+    return run_job(["bash", LAUNCH / script, *args], timeout=timeout, env=env or launcher_env())
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def test_slurm_script_runs_two_nodes_that_match_one_node_of_two(tmp_path, flags,
     ("contradicting_config", "train_batch_size is 64"),
     ("unwritable_output", "is not writable"),
     ("bad_hostfile", "expected 'hostname slots=N'"),
+    ("stale_build_lock", "interrupted build of DeepSpeed's 'cpu_adam' op"),
 ])
 def test_preflight_refuses_a_job_that_cannot_work(tmp_path, flags, setup, fragment):
     entry, env, output_dir = "pretrain.py", launcher_env(NGPU="2"), tmp_path / "out"
@@ -82,6 +83,12 @@ def test_preflight_refuses_a_job_that_cannot_work(tmp_path, flags, setup, fragme
     elif setup == "unwritable_output":
         (tmp_path / "file").write_text("not a folder")
         output_dir = tmp_path / "file" / "out"
+    elif setup == "stale_build_lock":  # left by a build killed a day ago: every run would wait on it forever
+        lock = tmp_path / "extensions" / "cpu_adam" / "lock"
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+        os.utime(lock, (time.time() - 86400, time.time() - 86400))
+        env["TORCH_EXTENSIONS_DIR"] = str(lock.parent.parent)
     else:
         (tmp_path / "hosts").write_text("node-a slots=1\nnode-b 1\n")
         script, env = "multi_node.sh", launcher_env(HOSTFILE=str(tmp_path / "hosts"))

@@ -15,7 +15,8 @@ import trl
 from transformers import HfArgumentParser
 
 from utils.chat_data import FORMATS
-from utils.distributed import prepare_cpu_ranks, release_shared_memory_names
+from utils.distributed import (check_no_stale_build_locks, dump_stacks_on_sigusr1, prepare_cpu_ranks,
+                               release_shared_memory_names)
 from utils.errors import UserError
 from utils.monitoring import configure_reporting
 
@@ -238,6 +239,9 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        dump_stacks_on_sigusr1()
+        if self.deepspeed:
+            check_no_stale_build_locks()  # before DeepSpeed's first op build (its CPU comm op, at set-up)
         # transformers 5 dropped --warmup_ratio but reads a float warmup_steps < 1 as a ratio.
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:

@@ -3,13 +3,18 @@
 Ranks other than 0 print nothing but errors; `print0` is how scripts talk to the user.
 """
 
+import faulthandler
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import UserError
 
 
 def rank() -> int:
@@ -64,10 +69,46 @@ def release_shared_memory_names() -> None:
         return
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     buffer = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}")
-    if not buffer.exists():
-        return
+    # Every rank reaches this point, so the barrier is unconditional: a decision taken rank by rank
+    # (say, on whether a file exists) could send one rank into the barrier alone.
     dist.barrier()
     buffer.unlink(missing_ok=True)
+
+
+STALE_LOCK_MINUTES = 30  # DeepSpeed's CPU ops build in about a minute here; CUDA ones in a few
+
+
+def check_no_stale_build_locks() -> None:
+    """Stop on a lock file left behind by an interrupted build of a DeepSpeed op.
+
+    DeepSpeed compiles its ops (cpu_adam, the CPU shm all-reduce, fused Adam...) on first use
+    under the PyTorch extensions folder; one rank builds while the others wait for its `lock` file
+    to go. A run killed during that build leaves the file, and every later run then waits for it
+    forever, printing nothing (PyTorch's FileBaton has no timeout). A lock far older than any build
+    takes is such a leftover: say so, instead of hanging.
+    """
+    try:  # the folder torch itself builds in (TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<python>_<device>)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        root = Path(_get_build_directory("", verbose=False))
+    except (ImportError, TypeError):  # a private helper: if torch renames it, skip the check rather than fail
+        return
+    now = time.time()
+    for lock in sorted(root.glob("*/lock")):
+        try:
+            minutes = (now - lock.stat().st_mtime) / 60
+        except FileNotFoundError:  # a build just finished
+            continue
+        if minutes > STALE_LOCK_MINUTES:
+            raise UserError(f"{lock} was left {minutes:.0f} min ago by an interrupted build of DeepSpeed's "
+                            f"'{lock.parent.name}' op, and runs would wait on it forever: unless a build is "
+                            f"running right now, delete it (rm {lock}) and start again")
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack to that rank's stderr, and the run goes on:
+    the first thing to look at when a run seems hung (the tests do it to a run that overstays)."""
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True, chain=False)
 
 
 def finish() -> None:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from utils.arguments import json_to_argv
+from utils.distributed import check_no_stale_build_locks
 from utils.errors import UserError, cli_entry
 
 HF_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
@@ -118,6 +119,7 @@ def main(argv=None) -> None:
     if not output_dir:
         raise UserError(f"{args.entry}: no --output_dir among the arguments")
     check_writable(output_dir)
+    check_no_stale_build_locks()
     if args.check_port and args.master_port:
         check_port_free(args.master_port)
     print(os.path.abspath(output_dir))
