@@ -11,6 +11,10 @@ if ! sha256sum --status -c "$VENV/.requirements.sha256" 2>/dev/null; then
   python -m pip install --quiet --disable-pip-version-check -r requirements.txt
   sha256sum requirements.txt > "$VENV/.requirements.sha256"
 fi
+# DeepSpeed builds its ops (cpu_adam, the CPU all-reduce) on first use. Build them inside this
+# venv rather than in ~/.cache/torch_extensions, which every venv and torch version shares (and
+# where a build killed in another project leaves a lock that makes runs wait forever).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VIRTUAL_ENV/torch_extensions}
 # Quiet the CPU-only notices and keep WandB local unless the user chose otherwise.
 export WANDB_MODE=${WANDB_MODE:-offline}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
