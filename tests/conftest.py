@@ -49,7 +49,7 @@ def run_job(command, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedPro
                                    capture_output=True, text=True).stdout.split()
             for pid in ranks:
                 os.kill(int(pid), signal.SIGUSR1)
-            time.sleep(5)
+            time.sleep(2)  # faulthandler writes at once; the pipes need a moment
             os.killpg(job.pid, signal.SIGKILL)
             stdout, stderr = job.communicate()
             pytest.fail(f"{' '.join(map(str, command[:6]))} ... did not end within {timeout} s; killed. The ranks' "
