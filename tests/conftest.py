@@ -123,6 +123,16 @@ def run_deepspeed(script, *args, ranks=2, cwd=REPO, timeout=600, env=None) -> su
     return run_job(command, cwd=cwd, timeout=timeout, env=env)
 
 
+def stale_build_lock(extensions_dir: Path, op: str, minutes_old: float) -> Path:
+    """The `lock` file an interrupted build of DeepSpeed op `op` leaves, dated `minutes_old` ago."""
+    lock = extensions_dir / op / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    then = time.time() - minutes_old * 60
+    os.utime(lock, (then, then))
+    return lock
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     """The run failed with one `error:` line naming what is wrong, and no traceback."""
     assert result.returncode != 0, f"expected a failure, got rc 0:\n{result.stdout[-2000:]}"

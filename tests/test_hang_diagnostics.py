@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, assert_clean_error, run_job, run_main_in_process, script_env
+from conftest import REPO, assert_clean_error, run_job, run_main_in_process, script_env, stale_build_lock
 from utils.distributed import STALE_LOCK_MINUTES, check_no_stale_build_locks
 from utils.errors import UserError
 
@@ -51,20 +51,11 @@ def test_a_job_that_overstays_fails_with_its_ranks_stacks_and_leaves_no_process(
     assert survivors.stdout == ""
 
 
-def make_lock(root, op: str, minutes_old: float):
-    lock = root / op / "lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.touch()
-    then = time.time() - minutes_old * 60
-    os.utime(lock, (then, then))
-    return lock
-
-
 def test_only_a_lock_older_than_any_build_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    make_lock(tmp_path, "cpu_adam", minutes_old=1)  # a build in progress: wait for it, as DeepSpeed does
+    stale_build_lock(tmp_path, "cpu_adam", minutes_old=1)  # a build in progress: wait for it, as DeepSpeed does
     check_no_stale_build_locks()
-    stale = make_lock(tmp_path, "deepspeed_shm_comm", minutes_old=STALE_LOCK_MINUTES + 60)
+    stale = stale_build_lock(tmp_path, "deepspeed_shm_comm", minutes_old=STALE_LOCK_MINUTES + 60)
     with pytest.raises(UserError, match="interrupted build of DeepSpeed's 'deepspeed_shm_comm' op") as error:
         check_no_stale_build_locks()
     assert f"rm {stale}" in str(error.value)
@@ -72,7 +63,7 @@ def test_only_a_lock_older_than_any_build_is_refused(tmp_path, monkeypatch):
 
 def test_pretrain_with_deepspeed_refuses_a_stale_build_lock(tmp_path, tokenizer_dir, docs_corpus, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
-    lock = make_lock(tmp_path / "extensions", "cpu_adam", minutes_old=24 * 60)
+    lock = stale_build_lock(tmp_path / "extensions", "cpu_adam", minutes_old=24 * 60)
     result = run_main_in_process("pretrain.py", "--deepspeed", REPO / "ds_configs/zero3_offload.json",
                                  "--tokenizer_name", tokenizer_dir, "--config_name", "tiny",
                                  "--train_files", docs_corpus, "--output_dir", tmp_path / "out", "--max_steps", "1")

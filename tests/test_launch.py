@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (REPO, assert_clean_error, assert_succeeded, free_port, logged_losses, run_job, script_env,
-                      train_flags)
+                      stale_build_lock, train_flags)
 
 LAUNCH = REPO / "launch"
 
@@ -84,11 +84,8 @@ def test_preflight_refuses_a_job_that_cannot_work(tmp_path, flags, setup, fragme
         (tmp_path / "file").write_text("not a folder")
         output_dir = tmp_path / "file" / "out"
     elif setup == "stale_build_lock":  # left by a build killed a day ago: every run would wait on it forever
-        lock = tmp_path / "extensions" / "cpu_adam" / "lock"
-        lock.parent.mkdir(parents=True)
-        lock.touch()
-        os.utime(lock, (time.time() - 86400, time.time() - 86400))
-        env["TORCH_EXTENSIONS_DIR"] = str(lock.parent.parent)
+        stale_build_lock(tmp_path / "extensions", "cpu_adam", minutes_old=24 * 60)
+        env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
     else:
         (tmp_path / "hosts").write_text("node-a slots=1\nnode-b 1\n")
         script, env = "multi_node.sh", launcher_env(HOSTFILE=str(tmp_path / "hosts"))
