@@ -1,5 +1,5 @@
 """Audit training data before paying for a run: the checks every training script runs at its start
-(utils/audit.py), on their own, on any machine, without a GPU or a launcher.
+(dstrain/audit/), on their own, on any machine, without a GPU or a launcher.
 
 Chat data for sft.py / lora.py (the same flags as the run: --max_length, --packing, --data_format ...):
     python audit.py --model_name_or_path out/pt --train_files sft.jsonl --stage sft --max_length 2048
@@ -22,13 +22,13 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from utils.arguments import ChatOrTextDataArguments, ModelArguments, parse_args
-from utils.audit import STAGES, audit, planned_generation_config, without_training_flags
-from utils.errors import UserError, cli_entry
-from utils.lm_data import pretraining_datasets
-from utils.modeling import choose_block_size, load_tokenizer, model_config_for
-from utils.preference_data import preference_datasets
-from utils.sft_data import require_chat_template, sft_datasets
+from dstrain.arguments import ChatOrTextDataArguments, ModelArguments, parse_args
+from dstrain.audit import STAGES, audit, planned_generation_config, without_training_flags
+from dstrain.errors import UserError, cli_entry
+from dstrain.data.blocks import pretraining_datasets
+from dstrain.model.loading import choose_block_size, load_tokenizer, model_config_for
+from dstrain.data.pairs import preference_datasets
+from dstrain.data.sft import require_chat_template, sft_datasets
 
 
 @dataclass

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
-from utils.chat_session import answer_one, answer_questions, interactive_chat, read_questions, write_answers
-from utils.errors import UserError, cli_entry
-from utils.generation import add_sampling_flags, has_chat_template, load_inference_model, sampling_from_args
+from dstrain.infer.chat_session import answer_one, answer_questions, interactive_chat, read_questions, write_answers
+from dstrain.errors import UserError, cli_entry
+from dstrain.infer.generation import add_sampling_flags, has_chat_template, load_inference_model, sampling_from_args
 
 
 def make_parser() -> argparse.ArgumentParser:

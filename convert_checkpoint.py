@@ -1,6 +1,6 @@
 """Convert a DeepSpeed ZeRO checkpoint to a universal checkpoint, loadable by any number of ranks.
 
-Resuming on another world size does this by itself (utils/elastic.py), on rank 0 while the
+Resuming on another world size does this by itself (dstrain/train/elastic.py), on rank 0 while the
 other ranks wait. For a large model, convert by hand first, on a machine with the CPU memory
 for it and with more worker processes; the resumed run then reuses the result:
 
@@ -15,8 +15,8 @@ DeepSpeed's own (deepspeed.checkpoint.ds_to_universal).
 import argparse
 from pathlib import Path
 
-from utils.elastic import convert_to_universal, saved_topology
-from utils.errors import UserError, cli_entry
+from dstrain.train.elastic import convert_to_universal, saved_topology
+from dstrain.errors import UserError, cli_entry
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.corpus import ReadStats, expand_inputs, iter_texts, write_jsonl_atomically
-from utils.errors import UserError, cli_entry
-from utils.python_docs import documentation_chats, documentation_preferences, documentation_texts
+from dstrain.data.records import ReadStats, expand_inputs, iter_texts, write_jsonl_atomically
+from dstrain.errors import UserError, cli_entry
+from dstrain.data.python_docs import documentation_chats, documentation_preferences, documentation_texts
 
 SPLITS = ("line", "paragraph", "file")
 

@@ -8,24 +8,24 @@ Adapters only (the reference is then the base with the adapter off, no second co
 Other losses: --loss_type ipo (or any TRL loss); reference log-probs once, up front: --precompute_ref_log_probs true
 Every argument in one file: deepspeed dpo.py configs/dpo_demo.json
 
-Data as reward.py's (utils/preference_data.py). Logged: rewards/accuracies (how often the chosen
+Data as reward.py's (dstrain/data/pairs.py). Logged: rewards/accuracies (how often the chosen
 reply gains more log-probability over the reference than the rejected one), rewards/margins.
 The output is a plain HF causal LM (or a PEFT adapter) that stops at the end of its turn.
 """
 
 from transformers import set_seed
 
-from utils.arguments import (DPOTrainingArguments, ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
+from dstrain.arguments import (DPOTrainingArguments, ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
                              parse_args)
-from utils.audit import audit_before_training
-from utils.distributed import finish
-from utils.errors import UserError, cli_entry
-from utils.lora import quantization_config
-from utils.modeling import build_model, load_tokenizer, model_config_for
-from utils.preference import dpo_trainer
-from utils.preference_data import preference_datasets
-from utils.sft_data import configure_chat_generation, require_chat_template
-from utils.training import evaluate_and_record, resume_checkpoint, train_and_save
+from dstrain.audit import audit_before_training
+from dstrain.distributed import finish
+from dstrain.errors import UserError, cli_entry
+from dstrain.model.adapters import quantization_config
+from dstrain.model.loading import build_model, load_tokenizer, model_config_for
+from dstrain.train.preference import dpo_trainer
+from dstrain.data.pairs import preference_datasets
+from dstrain.data.sft import configure_chat_generation, require_chat_template
+from dstrain.train.steps import evaluate_and_record, resume_checkpoint, train_and_save
 
 
 def main(model_args, data_args, lora_args, training_args) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-from utils.errors import cli_entry
-from utils.lora import load_adapter_model
-from utils.modeling import load_tokenizer
+from dstrain.errors import cli_entry
+from dstrain.model.adapters import load_adapter_model
+from dstrain.model.loading import load_tokenizer
 
 
 def merge(adapter: Path, output_dir: Path, base: str | None = None) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from utils.arguments import ModelArguments, parse_args
-from utils.errors import UserError, cli_entry
-from utils.modeling import build_model, load_tokenizer, model_config_for
+from dstrain.arguments import ModelArguments, parse_args
+from dstrain.errors import UserError, cli_entry
+from dstrain.model.loading import build_model, load_tokenizer, model_config_for
 
 
 @dataclass

@@ -9,21 +9,21 @@ Plain text instead of chat: --stage pretrain --block_size 1024 (--text_field as 
 Every argument in one file: deepspeed lora.py configs/lora_sft.json
 Fold the adapter into a plain model afterwards: python export.py --adapter out/lora --output_dir out/merged
 
-Chat data, masks, length policy and packing are sft.py's (utils/sft_data.py). The output folder
+Chat data, masks, length policy and packing are sft.py's (dstrain/data/sft.py). The output folder
 is a standard PEFT adapter (adapter_config.json, adapter_model.safetensors) with the tokenizer.
 """
 
 from transformers import default_data_collator, set_seed
 
-from utils.arguments import AdapterDataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
-from utils.audit import audit_before_training
-from utils.distributed import finish
-from utils.errors import UserError, cli_entry
-from utils.lm_data import pretraining_datasets
-from utils.lora import apply_lora, quantization_config
-from utils.modeling import build_model, choose_block_size, load_tokenizer, model_config_for
-from utils.sft_data import configure_chat_generation, require_chat_template, sft_collator, sft_datasets
-from utils.training import resume_checkpoint, train_save_evaluate
+from dstrain.arguments import AdapterDataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.audit import audit_before_training
+from dstrain.distributed import finish
+from dstrain.errors import UserError, cli_entry
+from dstrain.data.blocks import pretraining_datasets
+from dstrain.model.adapters import apply_lora, quantization_config
+from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
+from dstrain.data.sft import configure_chat_generation, require_chat_template, sft_collator, sft_datasets
+from dstrain.train.steps import resume_checkpoint, train_save_evaluate
 
 
 def main(model_args, data_args, lora_args, training_args) -> None:

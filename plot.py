@@ -14,9 +14,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils.errors import UserError, cli_entry  # noqa: E402
+from dstrain.errors import UserError, cli_entry  # noqa: E402
 
-PANELS = [  # (title, [(log key, label)]) - the keys utils/monitoring.py and HF's Trainer log
+PANELS = [  # (title, [(log key, label)]) - the keys dstrain/train/monitoring.py and HF's Trainer log
     ("loss", [("loss", "train"), ("eval_loss", "eval")]),
     ("learning rate", [("learning_rate", "learning rate")]),
     ("tokens/s (all devices)", [("tokens_per_second", "tokens/s")]),

@@ -17,13 +17,13 @@ Resume after a crash: add --resume_from_checkpoint last.
 
 from transformers import default_data_collator, set_seed
 
-from utils.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from utils.audit import audit_before_training
-from utils.distributed import finish
-from utils.errors import cli_entry
-from utils.lm_data import pretraining_datasets
-from utils.modeling import build_model, choose_block_size, load_tokenizer, model_config_for
-from utils.training import resume_checkpoint, train_save_evaluate
+from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.audit import audit_before_training
+from dstrain.distributed import finish
+from dstrain.errors import cli_entry
+from dstrain.data.blocks import pretraining_datasets
+from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
+from dstrain.train.steps import resume_checkpoint, train_save_evaluate
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
@@ -39,7 +39,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed,
                                 training_args.main_process_first)
 
-    # ===== 3. model; then the data audit (utils/audit.py) before any step is paid for =====
+    # ===== 3. model; then the data audit (dstrain/audit/) before any step is paid for =====
     model = build_model(model_args, config)
     audit_before_training("pretrain", data, tokenizer, model, data_args, training_args)
 

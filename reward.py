@@ -10,7 +10,7 @@ Score replies, or both sides of pairs (prints the pairwise accuracy):
     python reward.py score --model out/rm --input answers.jsonl --output scored.jsonl
 
 Data: {"prompt", "chosen", "rejected"} as strings or chat messages, checked and fitted to
---max_length by utils/preference_data.py. Eval reports pairwise accuracy and the mean margin.
+--max_length by dstrain/data/pairs.py. Eval reports pairwise accuracy and the mean margin.
 The output folder loads with AutoModelForSequenceClassification (or, with --use_lora, is a PEFT
 adapter: python export.py --adapter out/rm --output_dir out/rm-merged).
 """
@@ -21,17 +21,17 @@ import sys
 
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from utils.arguments import (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
+from dstrain.arguments import (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
                              RewardTrainingArguments, parse_args)
-from utils.audit import audit_before_training
-from utils.distributed import finish
-from utils.errors import UserError, cli_entry
-from utils.lora import quantization_config
-from utils.modeling import build_model, load_tokenizer, model_config_for
-from utils.preference import reward_config, reward_trainer, score_file
-from utils.preference_data import preference_datasets
-from utils.sft_data import require_chat_template
-from utils.training import evaluate_and_record, resume_checkpoint, train_and_save
+from dstrain.audit import audit_before_training
+from dstrain.distributed import finish
+from dstrain.errors import UserError, cli_entry
+from dstrain.model.adapters import quantization_config
+from dstrain.model.loading import build_model, load_tokenizer, model_config_for
+from dstrain.train.preference import reward_config, reward_trainer, score_file
+from dstrain.data.pairs import preference_datasets
+from dstrain.data.sft import require_chat_template
+from dstrain.train.steps import evaluate_and_record, resume_checkpoint, train_and_save
 
 
 def main(model_args, data_args, lora_args, training_args) -> None:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError, cli_entry
-from utils.generation import BASE_ADAPTER, load_inference_model
-from utils.lora import adapter_base, is_adapter_folder
+from dstrain.errors import UserError, cli_entry
+from dstrain.infer.generation import BASE_ADAPTER, load_inference_model
+from dstrain.model.adapters import adapter_base, is_adapter_folder
 
 API_KEY_VARIABLE = "DSTRAIN_API_KEY"
 
@@ -148,8 +148,8 @@ def main(argv=None) -> None:
     # ===== 2. the engine (batching worker) and the HTTP app =====
     import uvicorn  # here, so that argument errors come fast
 
-    from utils.openai_api import ServerSettings, build_app
-    from utils.serving import GenerationEngine
+    from dstrain.infer.openai_api import ServerSettings, build_app
+    from dstrain.infer.engine import GenerationEngine
 
     engine = GenerationEngine(loaded, args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000).start()
     app = build_app(engine, ServerSettings(models, api_key, args.default_max_tokens, args.max_tokens_limit))

@@ -12,20 +12,20 @@ Two CPU ranks, no GPU: deepspeed --num_gpus 2 sft.py ...
 
 Data: {"messages": [...]}, ShareGPT {"conversations": [...]} or Alpaca {"instruction", "input",
 "output"} records, detected per record (--data_format to insist). How the loss mask, the length
-limit and packing work: utils/sft_data.py.
+limit and packing work: dstrain/data/sft.py.
 """
 
 from pathlib import Path
 
 from transformers import set_seed
 
-from utils.arguments import ChatDataArguments, ModelArguments, TrainingArguments, parse_args
-from utils.audit import audit_before_training
-from utils.distributed import finish
-from utils.errors import UserError, cli_entry
-from utils.modeling import build_model, context_length, load_tokenizer, model_config_for
-from utils.sft_data import configure_chat_generation, require_chat_template, sft_collator, sft_datasets, write_preview
-from utils.training import resume_checkpoint, train_save_evaluate
+from dstrain.arguments import ChatDataArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.audit import audit_before_training
+from dstrain.distributed import finish
+from dstrain.errors import UserError, cli_entry
+from dstrain.model.loading import build_model, context_length, load_tokenizer, model_config_for
+from dstrain.data.sft import configure_chat_generation, require_chat_template, sft_collator, sft_datasets, write_preview
+from dstrain.train.steps import resume_checkpoint, train_save_evaluate
 
 
 def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args: TrainingArguments) -> None:

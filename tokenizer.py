@@ -10,10 +10,10 @@ streamed, so it may be larger than memory. The result loads with AutoTokenizer.f
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.arguments import parse_args
-from utils.corpus import ReadStats, expand_inputs, iter_texts
-from utils.errors import UserError, cli_entry
-from utils.tokenizer_training import NORMALIZERS, SPECIAL_TOKENS, train_bpe_tokenizer
+from dstrain.arguments import parse_args
+from dstrain.data.records import ReadStats, expand_inputs, iter_texts
+from dstrain.errors import UserError, cli_entry
+from dstrain.data.tokenizer import NORMALIZERS, SPECIAL_TOKENS, train_bpe_tokenizer
 
 
 @dataclass

@@ -18,22 +18,20 @@ runs every mode once, with fresh caches, and the fastest round of each counts.
 import argparse
 import contextlib
 import itertools
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from datasets import load_dataset  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from datasets import load_dataset
+from transformers import AutoTokenizer
 
-from utils.arguments import DataArguments  # noqa: E402
-from utils.corpus import expand_inputs, iter_texts  # noqa: E402
-from utils.lm_data import pretraining_datasets  # noqa: E402
-from utils.python_docs import documentation_texts  # noqa: E402
-from utils.tokenizer_training import train_bpe_tokenizer  # noqa: E402
+from dstrain.arguments import DataArguments
+from dstrain.data.records import expand_inputs, iter_texts
+from dstrain.data.blocks import pretraining_datasets
+from dstrain.data.python_docs import documentation_texts
+from dstrain.data.tokenizer import train_bpe_tokenizer
 
 
 def corpus_files(args, workdir: Path) -> list[Path]:

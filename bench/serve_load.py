@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
-from openai import AsyncOpenAI  # noqa: E402
+import httpx
+from openai import AsyncOpenAI
 
-from utils.python_docs import documentation_chats, documentation_texts  # noqa: E402
+from dstrain.data.python_docs import documentation_chats, documentation_texts
 
 QUESTIONS = [chat["messages"][0]["content"] for chat in documentation_chats()[:64]]
 
@@ -36,7 +35,7 @@ QUESTIONS = [chat["messages"][0]["content"] for chat in documentation_chats()[:6
 def make_demo_model(folder: Path) -> Path:
     """A tokenizer trained on Python's docs and a random-init `demo` model (2.3M parameters): the
     throughput of generation does not depend on what the weights say."""
-    from utils.tokenizer_training import train_bpe_tokenizer
+    from dstrain.data.tokenizer import train_bpe_tokenizer
 
     tokenizer_dir, model_dir = folder / "tok", folder / "model"
     train_bpe_tokenizer(documentation_texts(), vocab_size=4096).save_pretrained(tokenizer_dir)

@@ -12,23 +12,21 @@ non-padding tokens trained per second, as ratios against pad-to-max measured in 
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq  # noqa: E402
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-from utils.chat_data import iter_conversations  # noqa: E402
-from utils.corpus import expand_inputs  # noqa: E402
-from utils.model_config import derive_model_config  # noqa: E402
-from utils.python_docs import documentation_chats, documentation_texts  # noqa: E402
-from utils.sft_data import IGNORE, PackedRowsCollator, fit_to_length, pack_into_rows, tokenize_conversation  # noqa: E402
-from utils.tokenizer_training import train_bpe_tokenizer  # noqa: E402
+from dstrain.data.chat_format import iter_conversations
+from dstrain.data.records import expand_inputs
+from dstrain.model.config import derive_model_config
+from dstrain.data.python_docs import documentation_chats, documentation_texts
+from dstrain.data.sft import IGNORE, PackedRowsCollator, fit_to_length, pack_into_rows, tokenize_conversation
+from dstrain.data.tokenizer import train_bpe_tokenizer
 
 
 def load_conversations(args) -> list[list[dict]]:

@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def plain_trainer_script(args) -> None:
@@ -79,9 +78,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from utils.corpus import expand_inputs, iter_texts
-    from utils.model_config import derive_model_config
-    from utils.tokenizer_training import train_bpe_tokenizer
+    from dstrain.data.records import expand_inputs, iter_texts
+    from dstrain.model.config import derive_model_config
+    from dstrain.data.tokenizer import train_bpe_tokenizer
 
     shared = REPO.parent / "shared" / "data" / "pretrain_en.jsonl"
     files = expand_inputs(args.train_files or ([str(shared)] if shared.exists() else []))

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 CONFIGS = ["zero2", "zero3", "zero3_offload"]
 
@@ -45,8 +44,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=CONFIGS, choices=CONFIGS)
     args = parser.parse_args()
 
-    from utils.corpus import expand_inputs, iter_texts
-    from utils.tokenizer_training import train_bpe_tokenizer
+    from dstrain.data.records import expand_inputs, iter_texts
+    from dstrain.data.tokenizer import train_bpe_tokenizer
 
     shared = REPO.parent / "shared" / "data" / "pretrain_en.jsonl"
     files = expand_inputs(args.train_files or ([str(shared)] if shared.exists() else []))

@@ -14,7 +14,6 @@ if [ -n "${NET_IF:-}" ]; then
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per rank unless told otherwise
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
 usage() {  # the calling script's header comment
   sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -48,7 +47,7 @@ free_port() {
 # Checks the job (entry script, DeepSpeed config against the flags and world size, output
 # folder, hostfile, port) and prints the run's output folder.
 preflight() {
-  "$PYTHON" -m utils.preflight --entry "$ENTRY" "$@" -- "${SCRIPT_ARGS[@]}"
+  "$PYTHON" "$LAUNCH_DIR/preflight.py" --entry "$ENTRY" "$@" -- "${SCRIPT_ARGS[@]}"
 }
 
 # Runs deepspeed with its arguments, each rank's output copied to $LOG_DIR/rank<N>.log.

@@ -1,15 +1,16 @@
-# Sourced by demo.sh and test.sh: make (once) and enter the project's virtual environment.
-# Re-installs only when requirements.txt changed since the last install.
+# Sourced by demo.sh and test.sh: make (once) and enter the project's virtual environment, with
+# the project installed in it (editable: `pip install -e ".[test]"`, so `import dstrain` works
+# from anywhere and edits take effect at once). Re-installs only when pyproject.toml changed.
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-if ! sha256sum --status -c "$VENV/.requirements.sha256" 2>/dev/null; then
-  echo "Installing requirements into $VENV ..."
-  python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-  sha256sum requirements.txt > "$VENV/.requirements.sha256"
+if ! sha256sum --status -c "$VENV/.pyproject.sha256" 2>/dev/null; then
+  echo "Installing the project and its pinned dependencies into $VENV ..."
+  python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  sha256sum pyproject.toml > "$VENV/.pyproject.sha256"
 fi
 # DeepSpeed builds its ops (cpu_adam, the CPU all-reduce) on first use. Build them inside this
 # venv rather than in ~/.cache/torch_extensions, which every venv and torch version shares (and

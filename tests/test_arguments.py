@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from utils.errors import UserError
+from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.errors import UserError
 
 DATACLASSES = (ModelArguments, DataArguments, TrainingArguments)
 

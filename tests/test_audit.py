@@ -1,4 +1,4 @@
-"""utils/audit.py and audit.py: each check catches a dataset built to violate it (the real tokenizer,
+"""dstrain/audit/ and audit.py: each check catches a dataset built to violate it (the real tokenizer,
 its ChatML template or a broken variant of it, the real data pipeline), names the offending record
 by file:line and fails the run; clean data passes with the summary printed.
 """
@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from conftest import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process
-from utils.arguments import ChatDataArguments, DataArguments, PreferenceDataArguments
-from utils.audit import audit, planned_generation_config, template_end_of_turn
-from utils.data_cache import ProcessedDatasets
-from utils.lm_data import pretraining_datasets
-from utils.preference_data import preference_datasets
-from utils.sft_data import IGNORE, sft_datasets
-from utils.tokenizer_training import CHATML_TEMPLATE
+from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process
+from dstrain.arguments import ChatDataArguments, DataArguments, PreferenceDataArguments
+from dstrain.audit import audit, planned_generation_config, template_end_of_turn
+from dstrain.data.cache import ProcessedDatasets
+from dstrain.data.blocks import pretraining_datasets
+from dstrain.data.pairs import preference_datasets
+from dstrain.data.sft import IGNORE, sft_datasets
+from dstrain.data.tokenizer import CHATML_TEMPLATE
 
 REPLY_BLOCK = "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
 LONG_REPLY = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)  # far over 64 tokens
@@ -417,7 +417,7 @@ def test_the_summary_goes_to_wandb(tmp_path, tok, base_model, monkeypatch):
     """Offline WandB: the run file holds the summary table and the summary values."""
     import wandb
 
-    from utils.audit import log_to_wandb
+    from dstrain.audit import log_to_wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

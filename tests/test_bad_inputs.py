@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean_error, run_main_in_process
+from tests.helpers import assert_clean_error, run_main_in_process
 
 USER, ASSISTANT = {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}
 PAIR = {"prompt": "Say hello politely.", "chosen": "Hello, nice to meet you!", "rejected": "What do you want?"}
@@ -145,9 +145,9 @@ BAD_BODIES = {  # kind -> (raw body, the param the error names or None)
 def server_app(base_model):
     from fastapi.testclient import TestClient
 
-    from utils.generation import load_inference_model
-    from utils.openai_api import ServerSettings, build_app
-    from utils.serving import GenerationEngine
+    from dstrain.infer.generation import load_inference_model
+    from dstrain.infer.openai_api import ServerSettings, build_app
+    from dstrain.infer.engine import GenerationEngine
 
     engine = GenerationEngine(load_inference_model(str(base_model), device="cpu")).start()
     try:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_clean_error, assert_succeeded, run_main_in_process
-from tiny_chat_models import NAME_QUESTION, NAME_REPLY_WITH_HISTORY, NAME_REPLY_WITHOUT, NAME_TURNS, QUESTION, \
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
+from tests.tiny_chat_models import NAME_QUESTION, NAME_REPLY_WITH_HISTORY, NAME_REPLY_WITHOUT, NAME_TURNS, QUESTION, \
     REPLIES, trained_models
 
 GREEDY = ["--temperature", "0"]

@@ -1,4 +1,4 @@
-"""utils/chat_data.py and sft.py's reading of chat files: the three record formats, per-record
+"""dstrain/data/chat_format.py and sft.py's reading of chat files: the three record formats, per-record
 detection, --data_format, --system_prompt, every kind of bad record (as a BadRecord naming
 file:line, and as sft.py's one clean `error:` line), --skip_bad_records, and a model whose
 tokenizer has no chat template.
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import assert_clean_error, assert_succeeded, run_main_in_process
-from utils.chat_data import iter_conversations
-from utils.corpus import BadRecord, ReadStats
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
+from dstrain.data.chat_format import iter_conversations
+from dstrain.data.records import BadRecord, ReadStats
 
 SYSTEM = {"role": "system", "content": "You are concise."}
 USER = {"role": "user", "content": "Translate to French:\n\nGood morning"}

@@ -1,4 +1,4 @@
-"""utils/corpus.py (which files a corpus is, how it is read) and data.py (validate, convert,
+"""dstrain/data/records.py (which files a corpus is, how it is read) and data.py (validate, convert,
 python-docs), the latter run as a user runs it: `python data.py ...` in a subprocess.
 
 The bad input files are written here, modelled on the kinds of shared/data/bad_inputs/.
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean_error, assert_succeeded, run_main_in_process
-from utils.corpus import BadRecord, ReadStats, expand_inputs, iter_texts
-from utils.errors import UserError
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
+from dstrain.data.records import BadRecord, ReadStats, expand_inputs, iter_texts
+from dstrain.errors import UserError
 
 CHINESE = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"
 
@@ -300,8 +300,8 @@ def test_python_docs_writes_the_topics(tmp_path):
 def test_python_docs_preferences_pair_each_answer_with_its_words_scrambled(tmp_path):
     """python-docs-preferences: chosen is the question's own answer from the chat set; rejected holds
     the same words in another order; every record passes the preference reader."""
-    from utils.preference_data import iter_pairs
-    from utils.python_docs import documentation_chats
+    from dstrain.data.pairs import iter_pairs
+    from dstrain.data.python_docs import documentation_chats
 
     output = tmp_path / "prefs.jsonl"
     assert_succeeded(run_main_in_process("data.py", "python-docs-preferences", "--output", output))

@@ -1,13 +1,13 @@
-"""Elastic resume (utils/elastic.py): a ZeRO-2 or ZeRO-3 run checkpointed by 2 ranks continues on
+"""Elastic resume (dstrain/train/elastic.py): a ZeRO-2 or ZeRO-3 run checkpointed by 2 ranks continues on
 1 rank, and a checkpoint written by that 1 rank continues on 2 again, through DeepSpeed's
 universal checkpoints.
 
 Each chain is compared with the uninterrupted 2-rank run (conftest's zero2_run / zero3_run, 12
 steps of 4 x 2 x 2 = 16 sequences). Keeping the global batch gives every step the same samples
-(utils/elastic.py explains why), so the resumed losses must follow the uninterrupted ones; measured,
+(dstrain/train/elastic.py explains why), so the resumed losses must follow the uninterrupted ones; measured,
 they agree to 1e-6 under both stages. The tolerance is tight enough to catch optimizer state that
 was not carried over: a far smaller fault, DeepSpeed's ZeRO-3 loader advancing Adam's step counter
-twice per step (worked around in utils/elastic.py), already moved the loss by 0.003 within 3 steps.
+twice per step (worked around in dstrain/train/elastic.py), already moved the loss by 0.003 within 3 steps.
 """
 
 import json
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, REPO, assert_clean_error, assert_succeeded, logged_losses,
+from tests.helpers import (PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, REPO, assert_clean_error, assert_succeeded, logged_losses,
                       run_deepspeed, run_main_in_process, train_flags)
-from utils.elastic import accumulation_for
-from utils.errors import UserError
+from dstrain.train.elastic import accumulation_for
+from dstrain.errors import UserError
 
 # The uninterrupted runs save every 4 steps, and a resumed run keeps that (HF restores save_steps from
 # the checkpoint): 2 ranks -> checkpoint-4 -> 1 rank -> its checkpoint-8 -> 2 ranks -> step 12.

@@ -4,7 +4,7 @@ followed by `--resume_from_checkpoint last`, and ends exactly where an uninterru
 seed ends. Then the cheaper checks: the disk estimate, a finished run's folder, --nonfinite_loss skip,
 fp16 loss-scale collapse.
 
-The faults are made deterministic by DSTRAIN_FAULT (utils/faults.py): the chosen rank sends
+The faults are made deterministic by DSTRAIN_FAULT (dstrain/train/faults.py): the chosen rank sends
 SIGKILL to itself at the chosen point, so no poller races a 50 ms save on two shared cores.
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, assert_clean_error, assert_succeeded, logged_losses, run_deepspeed, run_main_in_process,
+from tests.helpers import (REPO, assert_clean_error, assert_succeeded, logged_losses, run_deepspeed, run_main_in_process,
                       script_env, train_flags)
-from utils.checkpoints import check_free_space, checkpoint_bytes_estimate, checkpoint_folders, incomplete_reason
-from utils.errors import UserError
-from utils.faults import FAULT_ENV, loss_scale_collapse
+from dstrain.train.checkpoints import check_free_space, checkpoint_bytes_estimate, checkpoint_folders, incomplete_reason
+from dstrain.errors import UserError
+from dstrain.train.faults import FAULT_ENV, loss_scale_collapse
 
 STEPS, SAVE_EVERY = 12, 2
 

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from conftest import REPO, assert_clean_error, run_job, run_main_in_process, script_env, stale_build_lock
-from utils.distributed import STALE_LOCK_MINUTES, check_no_stale_build_locks
-from utils.errors import UserError
+from tests.helpers import REPO, assert_clean_error, run_job, run_main_in_process, script_env, stale_build_lock
+from dstrain.distributed import STALE_LOCK_MINUTES, check_no_stale_build_locks
+from dstrain.errors import UserError
 
 WAITS_THEN_FINISHES = """
 import sys, time
-from utils.distributed import dump_stacks_on_sigusr1
+from dstrain.distributed import dump_stacks_on_sigusr1
 dump_stacks_on_sigusr1()
 
 def waiting_for_a_peer(seconds):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, assert_clean_error, assert_succeeded, free_port, logged_losses, run_job, script_env,
+from tests.helpers import (REPO, assert_clean_error, assert_succeeded, free_port, logged_losses, run_job, script_env,
                       stale_build_lock, train_flags)
 
 LAUNCH = REPO / "launch"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process, run_script
+from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process, run_script
 
 STEPS = 12
 

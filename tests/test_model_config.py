@@ -1,4 +1,4 @@
-"""utils/model_config.py and init_model.py: the model is derived from the tokenizer (vocab size and
+"""dstrain/model/config.py and init_model.py: the model is derived from the tokenizer (vocab size and
 special ids), presets build the models they promise, a model/tokenizer pair that disagrees is refused.
 
 Model sizes are checked on the meta device (no memory, no time). init_model.py runs for real once,
@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_clean_error, assert_succeeded, run_main_in_process, run_script
-from utils.corpus import iter_texts
-from utils.errors import UserError
-from utils.model_config import PRESET_DIR, check_model_tokenizer_pair, derive_model_config
-from utils.tokenizer_training import train_bpe_tokenizer
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process, run_script
+from dstrain.data.records import iter_texts
+from dstrain.errors import UserError
+from dstrain.model.config import PRESET_DIR, check_model_tokenizer_pair, derive_model_config
+from dstrain.data.tokenizer import train_bpe_tokenizer
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 SMALL_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

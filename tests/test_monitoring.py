@@ -1,4 +1,4 @@
-"""Monitoring (utils/monitoring.py, plot.py): one real 2-rank ZeRO-3-offload run reporting to WandB
+"""Monitoring (dstrain/train/monitoring.py, plot.py): one real 2-rank ZeRO-3-offload run reporting to WandB
 offline, read back from its run file; plus the FLOPs formula, the GPU table and token counting."""
 
 import json
@@ -9,12 +9,12 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer, DataCollatorWithPadding, LlamaConfig, LlamaForCausalLM, Trainer
 
-import wandb_offline
-from conftest import REPO, assert_clean_error, assert_succeeded, logged_losses, run_deepspeed, run_main_in_process, train_flags
+from tests import wandb_offline
+from tests.helpers import REPO, assert_clean_error, assert_succeeded, logged_losses, run_deepspeed, run_main_in_process, train_flags
 from test_pretrain import assert_deepspeed_checkpoint, assert_loads_and_generates
-from utils.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from utils.errors import UserError
-from utils.monitoring import (add_monitoring, load_prompts, matmul_parameter_counts, peak_tflops_for,
+from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.errors import UserError
+from dstrain.train.monitoring import (add_monitoring, load_prompts, matmul_parameter_counts, peak_tflops_for,
                               training_flops_per_token)
 
 STEPS, RANKS, BATCH, ACCUMULATION, BLOCK = 4, 2, 4, 2, 64  # BATCH, ACCUMULATION, BLOCK: conftest.train_flags

@@ -1,4 +1,4 @@
-"""utils/preference_data.py: every record form gives the same pair, both sides share the exact prompt
+"""dstrain/data/pairs.py: every record form gives the same pair, both sides share the exact prompt
 tokens, over-long pairs lose whole old turns, and every kind of bad record is a one-line error naming
 file and line (or is skipped and counted), in the readers and through reward.py / dpo.py.
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import assert_clean_error, run_main_in_process
-from utils.arguments import PreferenceDataArguments
-from utils.corpus import BadRecord, ReadStats
-from utils.errors import UserError
-from utils.preference_data import fit_pair, iter_pairs, preference_datasets, render_pair, transcript_turns
+from tests.helpers import assert_clean_error, run_main_in_process
+from dstrain.arguments import PreferenceDataArguments
+from dstrain.data.records import BadRecord, ReadStats
+from dstrain.errors import UserError
+from dstrain.data.pairs import fit_pair, iter_pairs, preference_datasets, render_pair, transcript_turns
 
 
 def user(text):

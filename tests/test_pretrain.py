@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, logged_losses
+from tests.helpers import PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, logged_losses
 
 STEPS, SAVE_EVERY = PRETRAIN_STEPS, PRETRAIN_SAVE_EVERY
 

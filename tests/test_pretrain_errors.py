@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from conftest import REPO, assert_clean_error, run_deepspeed, run_script
+from tests.helpers import REPO, assert_clean_error, run_deepspeed, run_script
 
 QUICK = ["--config_name", "tiny", "--block_size", "32", "--per_device_train_batch_size", "2",
          "--max_steps", "2", "--report_to", "none", "--validation_split_percentage", "0"]

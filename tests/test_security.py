@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 
-# The toolkit's own code: the entry scripts and utils/ (not the tests, the benchmarks, or what runs wrote
-# under out/, e.g. DeepSpeed's zero_to_fp32.py in every checkpoint).
-SOURCES = sorted([*REPO.glob("*.py"), *(REPO / "utils").glob("*.py")])
+# The toolkit's own code: the entry scripts, the dstrain package and the launch pre-flight (not the tests,
+# the benchmarks, or what runs wrote under out/, e.g. DeepSpeed's zero_to_fp32.py in every checkpoint).
+SOURCES = sorted([*REPO.glob("*.py"), *(REPO / "dstrain").rglob("*.py"), *(REPO / "launch").glob("*.py")])
 
 
 def calls(path: Path):
@@ -26,7 +26,7 @@ def call_name(node: ast.Call) -> str:
 
 def test_the_source_tree_is_scanned():
     names = {p.name for p in SOURCES}
-    assert {"pretrain.py", "serve.py", "modeling.py", "generation.py"} <= names
+    assert {"pretrain.py", "serve.py", "loading.py", "generation.py", "preflight.py"} <= names
 
 
 def test_trust_remote_code_is_never_switched_on_in_the_code():
@@ -51,7 +51,7 @@ def test_torch_load_only_with_weights_only():
 
 
 def test_flags_that_trust_code_default_to_off():
-    from utils.arguments import ModelArguments
+    from dstrain.arguments import ModelArguments
 
     assert ModelArguments.__dataclass_fields__["trust_remote_code"].default is False
     import chat

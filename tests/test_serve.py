@@ -17,8 +17,8 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from transformers import AutoTokenizer
 
-from conftest import REPO, assert_clean_error, free_port, run_main_in_process, script_env
-from tiny_chat_models import NAME_QUESTION, QUESTION, REPLIES, chat, trained_models
+from tests.helpers import REPO, assert_clean_error, free_port, import_script, run_main_in_process, script_env
+from tests.tiny_chat_models import NAME_QUESTION, QUESTION, REPLIES, chat, trained_models
 
 KEY = "test-key-123"
 MAX_QUEUE = 4
@@ -241,8 +241,8 @@ def test_a_client_leaving_mid_stream_leaves_the_server_free(server, client):
 
 def test_the_engine_stops_generating_once_cancelled(models):
     """What a client leaving mid-stream triggers: the request's cancel event ends `generate` early."""
-    from utils.generation import Sampling, load_inference_model, text_prompt_ids
-    from utils.serving import GenerationEngine, GenerationRequest
+    from dstrain.infer.generation import Sampling, load_inference_model, text_prompt_ids
+    from dstrain.infer.engine import GenerationEngine, GenerationRequest
 
     loaded = load_inference_model(str(models["chat"]))
     engine = GenerationEngine(loaded, max_batch_size=1, max_queue=2).start()
@@ -292,9 +292,7 @@ def test_vllm_backend_is_refused_without_vllm_and_a_gpu(models):
 
 
 def test_vllm_command_serves_the_same_names(models):
-    sys.path.insert(0, str(REPO))
-    import serve
-
+    serve = import_script("serve.py")
     args = serve.make_parser().parse_args(["--model", str(models["chat"]), "--lora", f"pirate={models['pirate']}",
                                            "--port", "9001"])
     command = serve.vllm_command(args, serve.parse_lora_flags(args.lora))

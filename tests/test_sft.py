@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_succeeded, run_deepspeed, run_script
+from tests.helpers import REPO, assert_succeeded, run_deepspeed, run_script
 
 STEPS = 12
 

@@ -1,4 +1,4 @@
-"""utils/sft_data.py: which tokens are trained (exact, token by token, with and without the
+"""dstrain/data/sft.py: which tokens are trained (exact, token by token, with and without the
 template's generation markers), cutting to --max_length at turn boundaries, packing, the proof
 that a packed row trains exactly like its conversations run alone, padding without packing, and
 sft.py --preview.
@@ -17,13 +17,13 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import assert_succeeded, run_main_in_process
-from utils.arguments import ChatDataArguments
-from utils.errors import UserError
-from utils.sft_data import (IGNORE, PackedRowsCollator, assistant_spans, end_of_turn_id, fit_to_length,
+from tests.helpers import assert_succeeded, run_main_in_process
+from dstrain.arguments import ChatDataArguments
+from dstrain.errors import UserError
+from dstrain.data.sft import (IGNORE, PackedRowsCollator, assistant_spans, end_of_turn_id, fit_to_length,
                             has_generation_markers, pack_into_rows, packed_rows, sft_collator, sft_datasets,
                             tokenize_conversation)
-from utils.tokenizer_training import CHATML_TEMPLATE
+from dstrain.data.tokenizer import CHATML_TEMPLATE
 
 
 def turns(*spec) -> list[dict]:

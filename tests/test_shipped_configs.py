@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conftest import REPO
-from utils.arguments import (AdapterDataArguments, ChatDataArguments, DataArguments, DPOTrainingArguments,
+from tests.helpers import REPO
+from dstrain.arguments import (AdapterDataArguments, ChatDataArguments, DataArguments, DPOTrainingArguments,
                              LoraArguments, ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
                              RewardTrainingArguments, TrainingArguments, parse_args)
 

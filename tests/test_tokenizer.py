@@ -1,4 +1,4 @@
-"""tokenizer.py and utils/tokenizer_training.py: training from every input kind, the saved
+"""tokenizer.py and dstrain/data/tokenizer.py: training from every input kind, the saved
 HuggingFace folder, exact round trips, NFKC, the ChatML template, and bad input via the CLI.
 
 Each `python tokenizer.py` start-up spends ~6 s importing torch/transformers. So the two runs
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import assert_clean_error, assert_succeeded, run_main_in_process, run_script
-from utils.corpus import BadRecord, ReadStats, expand_inputs, iter_texts
-from utils.tokenizer_training import SPECIAL_TOKENS, train_bpe_tokenizer
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process, run_script
+from dstrain.data.records import BadRecord, ReadStats, expand_inputs, iter_texts
+from dstrain.data.tokenizer import SPECIAL_TOKENS, train_bpe_tokenizer
 
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 3, "<|im_end|>": 4}
 

@@ -1,0 +1,150 @@
+"""Tokenize once: processed datasets cached under a key of their inputs.
+
+The key holds each input file's path, size and modification time, the tokenizer and the
+settings, so a changed file or setting builds anew and an unchanged one is loaded. The first
+process of each node builds while the others wait (`main_process_first`); the result is
+written beside its final place and renamed, so a crash, or a second node racing on a shared
+file system, never leaves a half-written cache that a later run would trust.
+
+Beside the splits the cache keeps a small build report (`ProcessedDatasets.report`): what the
+build counted that the rows themselves no longer show (conversations dropped or cut to fit,
+documents and tokens before packing), so a run that reuses the cache can still audit them.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, load_from_disk
+from datasets.exceptions import DatasetGenerationError
+
+from dstrain.data.records import expand_inputs
+from dstrain.distributed import print0
+from dstrain.errors import UserError
+
+REPORT_FILE = "build_report.json"
+
+
+class ProcessedDatasets(DatasetDict):
+    """The splits training reads, plus `report`: a JSON-able dict per split of what building them
+    counted (see lm_data and sft_data), saved with the cache and loaded with it."""
+
+    def __init__(self, splits=(), report: dict | None = None):
+        super().__init__(splits)
+        self.report = report or {}
+
+
+def file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def tokenizer_identity(tokenizer) -> str:
+    content = tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template or "") + str(tokenizer.eos_token_id)
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def corpus_datasets(data_args, kind: str, layout: str, tokenizer, settings: dict, build: Callable,
+                    main_process_first) -> ProcessedDatasets:
+    """The cached datasets of one stage over --train_files / --validation_files (see CorpusArguments).
+
+    The key holds every input file, the tokenizer, the stage (`kind`, `layout`: its cache version)
+    and `settings` (completed here with the validation share and --skip_bad_records).
+    `build(train_files, validation_files, settings, scratch_dir)` makes them when absent.
+    """
+    train_files = expand_inputs(data_args.train_files, "--train_files")
+    validation_files = (expand_inputs(data_args.validation_files, "--validation_files")
+                        if data_args.validation_files else [])
+    settings = {**settings, "skip_bad_records": data_args.skip_bad_records,
+                "validation_percentage": 0.0 if validation_files else data_args.validation_split_percentage}
+    identity = {
+        "layout": layout, "kind": kind,
+        "train": [file_identity(p) for p in train_files],
+        "validation": [file_identity(p) for p in validation_files],
+        "tokenizer": tokenizer_identity(tokenizer), **settings,
+    }
+    return cached_datasets(data_args.data_cache_dir, identity,
+                           lambda scratch: build(train_files, validation_files, settings, scratch), main_process_first)
+
+
+def cached_datasets(cache_root: str, identity: dict, build: Callable[[Path], ProcessedDatasets],
+                    main_process_first) -> ProcessedDatasets:
+    """Load the datasets cached for `identity`, building them with `build(scratch_dir)` if absent."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    cache_dir = Path(cache_root) / key
+    with main_process_first(desc="preparing the data"):
+        if (cache_dir / "dataset_dict.json").exists():
+            print0(f"Reusing tokenized data from {cache_dir}")
+        else:
+            _build_into(cache_dir, build)
+        report = cache_dir / REPORT_FILE
+        return ProcessedDatasets(load_from_disk(str(cache_dir)),
+                                 json.loads(report.read_text()) if report.exists() else {})
+
+
+def _build_into(cache_dir: Path, build: Callable[[Path], ProcessedDatasets]) -> None:
+    staging = cache_dir.with_name(f"{cache_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        built = build(staging / "scratch")
+        built.save_to_disk(str(staging / "done"))
+        (staging / "done" / REPORT_FILE).write_text(json.dumps(getattr(built, "report", {})))
+        try:
+            os.replace(staging / "done", cache_dir)
+        except OSError:
+            if not (cache_dir / "dataset_dict.json").exists():  # not another node winning the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def records_dataset(generate: Callable, scratch: Path, **kwargs) -> Dataset:
+    """A Dataset written to disk from a generator of records, streamed (memory stays flat).
+
+    datasets wraps any error raised in the generator; a UserError (a bad record, an empty
+    corpus) is unwrapped so it reaches the user as the one line it is.
+    """
+    # tuples, not lists: datasets would try to shard list arguments across processes
+    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
+    try:
+        return Dataset.from_generator(generate, gen_kwargs=kwargs, cache_dir=str(scratch))
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+
+
+def with_validation_marks(train_items, validation_items, validation_percentage: float, seed: int):
+    """(item, is_validation) for every item: a seeded draw per training item, or the validation files.
+
+    Drawn per document or conversation, before any packing, so nothing feeds both sides.
+    """
+    draw = random.Random(seed)
+    for item in train_items:
+        yield item, draw.random() * 100 < validation_percentage
+    for item in validation_items:
+        yield item, True
+
+
+def list_lengths(dataset: Dataset, column: str = "input_ids", batch_size: int = 10_000) -> np.ndarray:
+    """Length of every row's list in `column`, read in Arrow batches (no Python list per row)."""
+    parts = [pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
+             for table in dataset.with_format("arrow").iter(batch_size=batch_size)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def length_histogram(lengths: np.ndarray) -> dict[str, int]:
+    """Counts per power-of-two bucket, keyed by the bucket's upper bound: {"64": n, "128": m, ...}
+    (a length of 100 counts under "128"); the smallest bucket is "16"."""
+    if len(lengths) == 0:
+        return {}
+    exponents = np.maximum(np.ceil(np.log2(np.maximum(lengths, 1))), 4).astype(np.int64)
+    counts = np.bincount(exponents)
+    return {str(2 ** e): int(n) for e, n in enumerate(counts) if n}

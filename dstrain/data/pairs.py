@@ -1,0 +1,252 @@
+"""Preference pairs for reward modelling and DPO: read, check, render through the chat template, fit.
+
+Record forms (detected per record):
+  strings     {"prompt": "...", "chosen": "...", "rejected": "..."}
+              A prompt written as an Anthropic HH transcript ("Human: ...\n\nAssistant: ...\n\nHuman: ...
+              \n\nAssistant:") becomes its turns; any other string is one user turn.
+  chat        {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
+              (TRL's conversational form; a side may also be a plain string).
+  implicit    {"chosen": [messages], "rejected": [messages]}: two whole conversations that share
+              every turn but the last assistant reply, which is the prompt.
+An optional numeric "margin" (how much better chosen is) feeds the reward loss.
+
+Both sides of a pair are rendered the same way: prompt + reply through the tokenizer's chat
+template, so they share the exact prompt tokens and differ only in the reply. A pair longer than
+max_length loses its oldest exchanges (whole user/assistant turns, the system turn kept) until it
+fits; one whose last user turn and longer reply do not fit even alone is dropped. Both are counted.
+"""
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from datasets import Dataset
+
+from dstrain.data.chat_format import check_turn_order
+from dstrain.data.records import BadRecord, ReadStats, iter_parsed_lines, parse_json_line, raise_if_nothing_read
+from dstrain.data.cache import ProcessedDatasets, corpus_datasets, records_dataset, with_validation_marks
+from dstrain.distributed import print0
+from dstrain.errors import UserError
+from dstrain.data.blocks import split_by_marks
+
+CACHE_LAYOUT_VERSION = "2"  # 2: the build report (truncated, dropped per split)
+SIDES = ("chosen", "rejected")
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]*")
+QUIET = {"verbose": False}  # over-long pairs are fitted below; the tokenizer's length warning would mislead
+
+
+# ---------------------------------------------------------------- reading and checking records
+
+
+def transcript_turns(prompt: str) -> list[dict]:
+    """An HH transcript ("Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") as turns; any other
+    string as one user turn."""
+    if not (prompt.startswith("Human:") and prompt.rstrip().endswith("Assistant:")):
+        return [{"role": "user", "content": prompt}]
+    parts = HH_TURN.split(prompt)  # ["", "Human", "a", "Assistant", "b", ..., "Assistant", ""]
+    speakers, texts = parts[1::2], parts[2::2]
+    role = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": role[speaker], "content": text.strip()} for speaker, text in zip(speakers[:-1], texts[:-1])]
+    return turns
+
+
+def _reply(value, side: str, where: str) -> str:
+    """One side's reply text: a string, or a list holding one assistant message."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise BadRecord(f"{where}: '{side}' must be one assistant message (or a string); "
+                            f"got a list of {len(value)} messages")
+        value = value[0].get("content")
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}: '{side}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BadRecord(f"{where}: '{side}' is empty")
+    return value
+
+
+def checked_messages(value, what: str, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise BadRecord(f"{where}: '{what}' must be a string or a non-empty list of messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise BadRecord(f"{where}: {what} message {i} must be an object with 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _split_implicit_prompt(record: dict, where: str) -> tuple[list[dict], str, str]:
+    """{"chosen": [...], "rejected": [...]}: the shared turns are the prompt, the last replies the sides."""
+    chosen, rejected = (checked_messages(record[side], side, where) for side in SIDES)
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord(f"{where}: no 'prompt', and 'chosen' and 'rejected' differ before their last turn, "
+                        "so the shared prompt cannot be found")
+    return chosen[:-1], _reply(chosen[-1:], "chosen", where), _reply(rejected[-1:], "rejected", where)
+
+
+def pair_from_record(record: dict, where: str) -> dict:
+    """A checked pair: {"prompt": messages ending with the user's turn, "chosen": str, "rejected": str,
+    "margin": float}. Raises BadRecord naming the record and what is wrong."""
+    missing = [side for side in SIDES if side not in record]
+    if missing:
+        keys = ", ".join(sorted(record)) or "none"
+        raise BadRecord(f"{where}: no '{missing[0]}' (keys: {keys}); a pair needs 'prompt', 'chosen' and 'rejected'")
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise BadRecord(f"{where}: 'prompt' is empty")
+            prompt = transcript_turns(prompt)
+        else:
+            prompt = checked_messages(prompt, "prompt", where)
+        chosen, rejected = (_reply(record[side], side, where) for side in SIDES)
+    elif all(isinstance(record[side], list) for side in SIDES):
+        prompt, chosen, rejected = _split_implicit_prompt(record, where)
+    else:
+        raise BadRecord(f"{where}: no 'prompt' (keys: {', '.join(sorted(record))}); a pair needs 'prompt', "
+                        "'chosen' and 'rejected', or two whole conversations as 'chosen' and 'rejected'")
+    if chosen.strip() == rejected.strip():
+        raise BadRecord(f"{where}: 'chosen' and 'rejected' are identical, so there is no preference to learn")
+    # The prompt must be a conversation waiting for the assistant: the same rules as SFT data,
+    # checked on the prompt followed by a reply.
+    check_turn_order(prompt + [{"role": "assistant", "content": chosen}], where)
+    margin = record.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise BadRecord(f"{where}: 'margin' must be a number, got {type(margin).__name__}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": float(margin)}
+
+
+def iter_pairs(files: list[Path], skip_bad_records: bool = False, stats: ReadStats | None = None):
+    """Yield each record's checked pair, with "source" (file:line); bad records stop the run or are
+    skipped and counted."""
+    stats = stats if stats is not None else ReadStats()
+
+    def parse(raw: bytes, path: Path, line_no: int):
+        record = parse_json_line(raw, path, line_no)
+        if record is None:
+            return None
+        return {**pair_from_record(record, f"{path}:{line_no}"), "source": f"{path}:{line_no}"}
+
+    yield from iter_parsed_lines(files, parse, skip_bad_records, stats)
+    raise_if_nothing_read(files, stats, "preference pairs")
+
+
+# ---------------------------------------------------------------- rendering and fitting
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tokenizer_kwargs=QUIET,
+                                              add_generation_prompt=add_generation_prompt)["input_ids"])
+
+
+def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str) -> dict:
+    """{"prompt_ids", "chosen_ids", "rejected_ids"}: the prompt with the assistant's opening, then each
+    reply through its end of turn, cut from one rendering of the whole conversation per side."""
+    prompt_ids = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    pair = {"prompt_ids": prompt_ids}
+    for side, reply in zip(SIDES, (chosen, rejected)):
+        whole = render_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+        if whole[:len(prompt_ids)] != prompt_ids:
+            raise UserError("the chat template renders the prompt differently once a reply follows, so both "
+                            "sides of a pair cannot share the same prompt tokens; use a template that renders "
+                            "a conversation's beginning the same way (such as ChatML)")
+        pair[f"{side}_ids"] = whole[len(prompt_ids):]
+    return pair
+
+
+def fit_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, max_length: int) -> tuple[dict, int] | None:
+    """The rendered pair with the oldest exchanges dropped until prompt + the longer reply fit in
+    max_length, and how many turns were dropped; None if even the last user turn does not fit."""
+    system = prompt[:1] if prompt[0]["role"] == "system" else []
+    body = prompt[len(system):]  # user, assistant, ..., user
+    for dropped in range(0, len(body), 2):
+        pair = render_pair(tokenizer, system + body[dropped:], chosen, rejected)
+        longest = max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+        if len(pair["prompt_ids"]) + longest <= max_length:
+            return pair, dropped
+    return None
+
+
+@dataclass
+class FitReport:
+    """What fitting did to one split; `truncated` and `dropped` go to the build report the data audit reads."""
+
+    kept: int = 0
+    truncated: int = 0  # shortened by dropping their oldest turns
+    dropped: int = 0
+    identical: int = 0
+
+
+def preference_datasets(data_args, tokenizer, max_length: int, seed: int, main_process_first) -> ProcessedDatasets:
+    """Train (and validation) pairs as prompt_ids / chosen_ids / rejected_ids (+ margin, source)."""
+    return corpus_datasets(data_args, "preference", CACHE_LAYOUT_VERSION, tokenizer,
+                           {"max_length": max_length, "seed": seed},
+                           lambda train, validation, settings, scratch: _build(train, validation, tokenizer, settings,
+                                                                               scratch),
+                           main_process_first)
+
+
+def _pairs(train_files, validation_files, skip_bad_records, validation_percentage, seed, stats):
+    read = lambda files, key: iter_pairs(files, skip_bad_records, stats[key])
+    validation = read(validation_files, "validation") if validation_files else []
+    for pair, is_validation in with_validation_marks(read(train_files, "train"), validation,
+                                                     validation_percentage, seed):
+        yield {**pair, "is_validation": is_validation}
+
+
+def _build(train_files, validation_files, tokenizer, settings, scratch: Path) -> ProcessedDatasets:
+    stats = {"train": ReadStats(), "validation": ReadStats()}
+    pairs = records_dataset(
+        _pairs, scratch, train_files=train_files, validation_files=validation_files,
+        skip_bad_records=settings["skip_bad_records"], validation_percentage=settings["validation_percentage"],
+        seed=settings["seed"], stats=stats,
+    )
+    problems = stats["train"].problems + stats["validation"].problems
+    if problems:
+        print0(f"Skipped {len(problems)} bad records (--skip_bad_records); first: {problems[0]}")
+
+    max_length = settings["max_length"]
+    reports = {"train": FitReport(), "validation": FitReport()}
+    rows = {key: [] for key in ("prompt_ids", "chosen_ids", "rejected_ids", "margin", "source", "is_validation")}
+    for record in pairs:
+        report = reports["validation" if record["is_validation"] else "train"]
+        fitted = fit_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"], max_length)
+        if fitted is None:
+            report.dropped += 1
+            continue
+        pair, dropped_turns = fitted
+        if pair["chosen_ids"] == pair["rejected_ids"]:  # texts differing only where the template normalises
+            if not settings["skip_bad_records"]:
+                raise BadRecord(f"{record['source']}: 'chosen' and 'rejected' become the same tokens")
+            report.identical += 1
+            continue
+        report.kept += 1
+        report.truncated += dropped_turns > 0
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            rows[key].append(pair[key])
+        for key in ("margin", "source", "is_validation"):
+            rows[key].append(record[key])
+    kept, truncated, dropped, identical = (sum(getattr(r, key) for r in reports.values())
+                                           for key in ("kept", "truncated", "dropped", "identical"))
+    print0(f"Pairs: {kept:,} kept, {truncated:,} shortened by dropping their oldest turns and "
+           f"{dropped:,} dropped (last user turn + reply longer than --max_length {max_length})"
+           + (f", {identical:,} skipped as identical after tokenizing" if identical else ""))
+    if kept == 0:
+        raise UserError(f"no pair fits in --max_length {max_length}: raise it")
+
+    splits = split_by_marks(Dataset.from_dict(rows),
+                            with_validation=settings["validation_percentage"] > 0 or bool(validation_files))
+    if "validation" in splits and len(splits["validation"]) == 0:
+        raise UserError("the validation split holds no pair: raise --validation_split_percentage "
+                        "or give --validation_files")
+    for name, split in splits.items():
+        tokens = sum(len(p) * 2 + len(c) + len(r) for p, c, r in
+                     zip(split["prompt_ids"], split["chosen_ids"], split["rejected_ids"]))
+        print0(f"Data: {name} {len(split):,} pairs, {tokens:,} tokens (both sides)")
+    return ProcessedDatasets(splits, report={name: asdict(reports[name]) for name in splits})
+
+
+def as_reward_pairs(dataset: Dataset) -> Dataset:
+    """TRL's reward layout: each side is the whole sequence, prompt + reply."""
+    def join(batch):
+        return {side: [p + s for p, s in zip(batch["prompt_ids"], batch[side])] for side in ("chosen_ids", "rejected_ids")}
+
+    return dataset.map(join, batched=True, remove_columns=["prompt_ids"])

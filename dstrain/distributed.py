@@ -1,0 +1,141 @@
+"""Rank awareness and the CPU-rank set-up, kept in one place.
+
+Ranks other than 0 print nothing but errors; `print0` is how scripts talk to the user.
+"""
+
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dstrain.errors import UserError
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def launched_on_cpu_ranks() -> bool:
+    """True when a launcher (deepspeed, torchrun) started this process and there is no GPU."""
+    return "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+
+
+def prepare_cpu_ranks() -> bool:
+    """Make HF Trainer + DeepSpeed work on CPU ranks; a no-op where a GPU exists.
+
+    Out of the box accelerate's PartialState gets backend None on CPU ranks, reports
+    world_size 1, and DeepSpeed then fails its batch-size assertion (`--use_cpu` silently
+    drops DeepSpeed instead). Initialising the state ourselves with gloo and telling
+    TrainingArguments to keep it (`use_configured_state`) gives a real multi-rank run.
+    This must happen before TrainingArguments is constructed: it sets up devices in
+    `__post_init__`. Returns True when the caller must set `use_configured_state`.
+    """
+    if not launched_on_cpu_ranks():
+        return False
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return True
+
+
+def release_shared_memory_names() -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has opened it.
+
+    On CPU ranks DeepSpeed's shm comm op creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (66 MB each) and never removes it: every run, finished or killed, left its buffers behind, and
+    a day of test runs filled this machine's /dev/shm (RAM) with 21 GB until runs hung. Each rank
+    opens its peers' buffers while DeepSpeed initialises, so after a barrier the names are no longer
+    needed; unlinking them then lets the memory go when the processes end, however they end.
+    """
+    if not (launched_on_cpu_ranks() and dist.is_available() and dist.is_initialized()):
+        return
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    buffer = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}")
+    # Every rank reaches this point, so the barrier is unconditional: a decision taken rank by rank
+    # (say, on whether a file exists) could send one rank into the barrier alone.
+    dist.barrier()
+    buffer.unlink(missing_ok=True)
+
+
+STALE_LOCK_MINUTES = 30  # DeepSpeed's CPU ops build in about a minute here; CUDA ones in a few
+
+
+def check_no_stale_build_locks() -> None:
+    """Stop on a lock file left behind by an interrupted build of a DeepSpeed op.
+
+    DeepSpeed compiles its ops (cpu_adam, the CPU shm all-reduce, fused Adam...) on first use
+    under the PyTorch extensions folder; one rank builds while the others wait for its `lock` file
+    to go. A run killed during that build leaves the file, and every later run then waits for it
+    forever, printing nothing (PyTorch's FileBaton has no timeout). A lock far older than any build
+    takes is such a leftover: say so, instead of hanging.
+    """
+    try:  # the folder torch itself builds in (TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<python>_<device>)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        root = Path(_get_build_directory("", verbose=False))
+    except (ImportError, TypeError):  # a private helper: if torch renames it, skip the check rather than fail
+        return
+    now = time.time()
+    for lock in sorted(root.glob("*/lock")):
+        try:
+            minutes = (now - lock.stat().st_mtime) / 60
+        except FileNotFoundError:  # a build just finished
+            continue
+        if minutes > STALE_LOCK_MINUTES:
+            raise UserError(f"{lock} was left {minutes:.0f} min ago by an interrupted build of DeepSpeed's "
+                            f"'{lock.parent.name}' op, and runs would wait on it forever: unless a build is "
+                            f"running right now, delete it (rm {lock}) and start again")
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack to that rank's stderr, and the run goes on:
+    the first thing to look at when a run seems hung (the tests do it to a run that overstays)."""
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True, chain=False)
+
+
+def finish() -> None:
+    """End a distributed run cleanly.
+
+    ZeRO-3 on CPU ranks sometimes aborted after the work was done ("terminate called
+    without an active exception", 6 of 15 runs); a final barrier and an explicit
+    destroy_process_group made 20 of 20 runs exit cleanly.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def copy_output_to_rank_log() -> None:
+    """Where DSTRAIN_LOG_DIR is set (the launch/ scripts set it), copy this rank's stdout and
+    stderr into <dir>/rank<N>.log, still printing them as before.
+
+    DeepSpeed's own --enable_each_rank_log sends a rank's output only to its file, which would
+    leave the console of an interactive run silent.
+    """
+    log_dir = os.environ.get("DSTRAIN_LOG_DIR")
+    if not log_dir or "RANK" not in os.environ:
+        return
+    path = Path(log_dir) / f"rank{os.environ['RANK']}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=os.dup(stream.fileno()))
+        os.dup2(tee.stdin.fileno(), stream.fileno())

@@ -1,0 +1,205 @@
+"""What chat.py does: an interactive chat with history, one answer, or a file of questions answered in
+batches. Everything generates through dstrain/infer/generation.py."""
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from transformers import TextStreamer
+
+from dstrain.data.records import BadRecord, iter_parsed_lines, parse_json_line
+from dstrain.errors import UserError
+from dstrain.infer.generation import (Completion, InferenceModel, Sampling, chat_prompt_ids, generate_batch, generate_one,
+                              has_chat_template, stop_token_ids, text_prompt_ids)
+
+ROLES = ("system", "user", "assistant")
+
+
+# ===== prompts for both modes =====
+
+def conversation(system: str | None, history: list[dict], user: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": user}]
+
+
+def prompt_ids(loaded: InferenceModel, messages: list[dict]) -> list[int]:
+    """Through the chat template, or, for a model without one, the last message as plain text to continue."""
+    if has_chat_template(loaded.tokenizer):
+        return chat_prompt_ids(loaded.tokenizer, messages)
+    return text_prompt_ids(loaded.tokenizer, messages[-1]["content"])
+
+
+def room_to_generate(loaded: InferenceModel, prompt_tokens: int, max_new_tokens: int) -> int:
+    """max_new_tokens, shortened where the prompt leaves less of the context (0: the prompt fills it)."""
+    if loaded.context is None:
+        return max_new_tokens
+    return max(0, min(max_new_tokens, loaded.context - prompt_tokens))
+
+
+# ===== interactive =====
+
+def interactive_chat(loaded: InferenceModel, sampling: Sampling, system: str | None, read=input) -> None:
+    """user/assistant turns on the terminal (or a script on stdin), replies streamed as they come.
+    The oldest exchanges are dropped when the conversation outgrows the model's context."""
+    chat = has_chat_template(loaded.tokenizer)
+    print("Type a message; /reset forgets the conversation, /exit (or Ctrl-D) quits." if chat else
+          "This model has no chat template: each line is continued as plain text, without history.", flush=True)
+    history: list[dict] = []
+    while True:
+        try:
+            line = read("user: " if chat else "text: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        command = line.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            history = []
+            print("(conversation reset)", flush=True)
+            continue
+        if not command:
+            continue
+        messages = conversation(system, history, line)
+        prompt = prompt_ids(loaded, messages)
+        wanted = sampling.max_new_tokens
+        while chat and history and room_to_generate(loaded, len(prompt), wanted) < wanted:
+            history = history[2:]  # the oldest user/assistant exchange
+            messages = conversation(system, history, line)
+            prompt = prompt_ids(loaded, messages)
+        room = room_to_generate(loaded, len(prompt), sampling.max_new_tokens)
+        if room == 0:
+            print(f"(this message alone fills the model's {loaded.context}-token context; send a shorter one)")
+            continue
+        print("assistant: " if chat else line, end="", flush=True)
+        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        completion = generate_one(loaded, prompt, replace(sampling, max_new_tokens=room), chat, streamer)
+        if chat:
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": completion.text}]
+
+
+def answer_one(loaded: InferenceModel, sampling: Sampling, system: str | None, question: str) -> Completion:
+    """One answer, streamed to stdout."""
+    prompt = prompt_ids(loaded, conversation(system, [], question))
+    room = room_to_generate(loaded, len(prompt), sampling.max_new_tokens)
+    if room == 0:
+        raise UserError(f"--question is {len(prompt)} tokens: no room left in the model's "
+                        f"{loaded.context}-token context")
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return generate_one(loaded, prompt, replace(sampling, max_new_tokens=room), has_chat_template(loaded.tokenizer),
+                        streamer)
+
+
+# ===== batch =====
+
+@dataclass
+class Question:
+    where: str  # file:line or file: record N, for errors
+    messages: list[dict]
+    record: dict  # what the answer file repeats back (id, question or messages)
+
+
+def _question(record, where: str, system: str | None) -> Question:
+    """A string, {"question": str, "system"?: str, "id"?: any}, or {"messages": [... ending with a user turn]}."""
+    if isinstance(record, str):
+        record = {"question": record}
+    if not isinstance(record, dict):
+        raise BadRecord(f"{where}: expected a string or an object, got {type(record).__name__}")
+    echo = {"id": record["id"]} if "id" in record else {}
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise BadRecord(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise BadRecord(f"{where}: message {i} needs a role of {', '.join(ROLES)}")
+            if not isinstance(message.get("content"), str) or not message["content"].strip():
+                raise BadRecord(f"{where}: message {i} has empty or non-string content")
+        if messages[-1]["role"] != "user":
+            raise BadRecord(f"{where}: the last message must be the user's question")
+        return Question(where, messages, echo | {"messages": messages})
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        keys = ", ".join(sorted(record)) or "none"
+        raise BadRecord(f"{where}: no 'question' string and no 'messages' list (keys: {keys})")
+    own_system = record.get("system", system)
+    if own_system is not None and not isinstance(own_system, str):
+        raise BadRecord(f"{where}: 'system' must be a string")
+    return Question(where, conversation(own_system, [], question), echo | {"question": question})
+
+
+def read_questions(path: Path, system: str | None) -> list[Question]:
+    """A JSON list (file: record N in errors) or JSON Lines (file:line), told apart by the first character."""
+    if not path.is_file():
+        raise UserError(f"--questions: file not found: {path}")
+    raw = path.read_bytes()
+    if raw.lstrip()[:1] == b"[":
+        try:
+            records = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise UserError(f"{path}: invalid UTF-8 at byte {error.start}") from None
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
+        questions = [_question(record, f"{path}: record {i}", system) for i, record in enumerate(records, start=1)]
+    else:
+        def parse(raw_line: bytes, file: Path, line_no: int) -> Question | None:
+            where, line = f"{file}:{line_no}", raw_line.strip()
+            if line.startswith(b'"'):  # a bare JSON string is a question too
+                try:
+                    return _question(json.loads(line.decode("utf-8")), where, system)
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    pass  # parse_json_line names the problem
+            record = parse_json_line(raw_line, file, line_no)
+            return None if record is None else _question(record, where, system)
+
+        questions = list(iter_parsed_lines([path], parse))
+    if not questions:
+        raise UserError(f"{path}: no questions in the file")
+    return questions
+
+
+def answer_questions(loaded: InferenceModel, questions: list[Question], sampling: Sampling,
+                     batch_size: int) -> list[Completion]:
+    """Batched generation with left padding; questions of similar length share a batch (less padding),
+    answers come back in the file's order."""
+    chat = has_chat_template(loaded.tokenizer)
+    prompts = [prompt_ids(loaded, question.messages) for question in questions]
+    limits = [room_to_generate(loaded, len(prompt), sampling.max_new_tokens) for prompt in prompts]
+    for question, prompt, limit in zip(questions, prompts, limits):
+        if limit == 0:
+            raise UserError(f"{question.where}: the question is {len(prompt)} tokens, which fills the model's "
+                            f"{loaded.context}-token context")
+    stop_ids = stop_token_ids(loaded.model, loaded.tokenizer, chat)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[Completion | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = generate_batch(loaded, [prompts[i] for i in rows], sampling, stop_ids,
+                               max_new_tokens=[limits[i] for i in rows])
+        for i, completion in zip(rows, batch):
+            answers[i] = completion
+    return answers
+
+
+def write_answers(path: Path, questions: list[Question], answers: list[Completion], settings: dict,
+                  seconds: float) -> dict:
+    """The answers with the settings and timing, written whole or not at all (a temporary file renamed)."""
+    generated = sum(answer.completion_tokens for answer in answers)
+    report = {
+        "settings": settings,
+        "timing": {"seconds": round(seconds, 3), "questions": len(answers),
+                   "questions_per_s": round(len(answers) / seconds, 3) if seconds else None,
+                   "completion_tokens": generated,
+                   "tokens_per_s": round(generated / seconds, 2) if seconds else None},
+        "answers": [question.record | {"answer": answer.text, "finish_reason": answer.finish_reason,
+                                       "prompt_tokens": answer.prompt_tokens,
+                                       "completion_tokens": answer.completion_tokens}
+                    for question, answer in zip(questions, answers)],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return report
+
+

@@ -1,0 +1,120 @@
+"""LoRA and QLoRA through PEFT: wrapping a model, checking target modules, 4-bit loading, and loading
+a saved adapter on its base."""
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from dstrain.distributed import print0
+from dstrain.errors import UserError
+from dstrain.model.config import count_parameters
+
+
+def linear_layer_names(model) -> list[str]:
+    """The distinct names (last part) of the model's linear layers, the output head (an LM head, or a
+    reward model's score head, which PEFT trains in full) left out."""
+    heads = [model.get_output_embeddings(), getattr(model, "score", None), getattr(model, "classifier", None)]
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and not any(module is head for head in heads)}
+    return sorted(names)
+
+
+def target_modules(model, requested: str) -> str | list[str]:
+    """`all-linear`, or a comma list checked against the model's own linear layers."""
+    if requested.strip() == "all-linear":
+        return "all-linear"
+    wanted = [name.strip() for name in requested.split(",") if name.strip()]
+    known = linear_layer_names(model)
+    unknown = [name for name in wanted if name not in known]
+    if unknown or not wanted:
+        raise UserError(f"--lora_target_modules: {', '.join(unknown) or 'nothing given'} is not a linear layer of "
+                        f"this model; its linear layers are: {', '.join(known)} (or use all-linear)")
+    return wanted
+
+
+def lora_config(model, lora_args, task_type: str = "CAUSAL_LM") -> LoraConfig:
+    """The adapter settings, target modules checked against `model`. SEQ_CLS (reward models) also
+    trains the new score head in full, as PEFT does for that task."""
+    return LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=target_modules(model, lora_args.lora_target_modules),
+        task_type=task_type,
+    )
+
+
+def apply_lora(model, lora_args, activation_checkpointing: bool):
+    """Freeze the model and add LoRA adapters; prints trainable vs total parameters."""
+    if activation_checkpointing:
+        # With checkpointing, a frozen embedding's output has no grad, so the recomputed blocks
+        # would get none either; PEFT needs the inputs to require grads.
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(model, lora_args))
+    report_trainable(model, lora_args)
+    return model
+
+
+def report_trainable(model, lora_args) -> None:
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = count_parameters(model)
+    print0(f"LoRA r={lora_args.lora_r} alpha={lora_args.lora_alpha}: {trainable:,} trainable of {total:,} "
+           f"parameters ({trainable / total:.2%})")
+
+
+def quantization_config(bits: int | None):
+    """bitsandbytes 4/8-bit loading for QLoRA; a clear refusal where it cannot run."""
+    if not bits:
+        return None
+    if bits not in (4, 8):
+        raise UserError(f"--quantization_bit must be 4 or 8, got {bits}")
+    if not torch.cuda.is_available():
+        raise UserError(f"--quantization_bit {bits} (QLoRA) needs a CUDA GPU: bitsandbytes' {bits}-bit kernels "
+                        "do not run on CPU; drop the flag for plain LoRA")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--quantization_bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model an adapter folder names (as lora.py wrote it), checked to exist."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{config}: not a readable adapter config ({error})") from None
+    if not base:
+        raise UserError(f"{config} names no base model: pass --base")
+    if not Path(base).exists():
+        raise UserError(f"{config}: its base model {base} is not found: pass --base")
+    return base
+
+
+def load_adapter_model(adapter, base: str | None = None) -> tuple[PeftModel, str]:
+    """A saved adapter on its base model (the one its config names, unless `base` is given), and that
+    base's path: a causal LM (lora.py, dpo.py) or a one-score reward model (reward.py, task SEQ_CLS)."""
+    if not is_adapter_folder(adapter):
+        raise UserError(f"{adapter}: no adapter_config.json (is it a PEFT adapter folder from lora.py?)")
+    base = base or adapter_base(adapter)
+    if not Path(base).exists():
+        raise UserError(f"base model {base} not found")
+    settings = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    if settings.get("task_type") == "SEQ_CLS":
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+    return PeftModel.from_pretrained(model, str(adapter)), base

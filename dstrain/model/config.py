@@ -1,0 +1,113 @@
+"""The model is derived from the tokenizer: vocab size and special ids are never typed by hand.
+
+Sizes come from a preset in configs/models/ (or any JSON with a `model_type`, or a
+HuggingFace model folder); the architecture is whatever `AutoConfig` knows, LLaMA by default.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from dstrain.errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+def resolve_model_spec(name_or_path: str) -> Path:
+    """A preset name (`tiny`), a JSON file, or a folder with a config.json."""
+    candidates = [Path(name_or_path), PRESET_DIR / name_or_path, PRESET_DIR / f"{name_or_path}.json"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+        if candidate.is_dir() and (candidate / "config.json").is_file():
+            return candidate / "config.json"
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
+    raise UserError(f"--config_name: '{name_or_path}' is neither a file, a model folder, nor a preset ({presets})")
+
+
+def load_model_spec(name_or_path: str) -> dict:
+    path = resolve_model_spec(name_or_path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a JSON object of model settings")
+    spec = {key: value for key, value in spec.items() if not key.startswith("_")}  # "_comment" etc.
+    spec.setdefault("model_type", "llama")
+    return spec
+
+
+def parse_overrides(overrides: str | None) -> dict:
+    """`--config_overrides "num_hidden_layers=4,hidden_size=128"` as run_clm.py spells it."""
+    if not overrides:
+        return {}
+    parsed = {}
+    for item in overrides.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--config_overrides: '{item}' is not key=value")
+        try:
+            parsed[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
+def padded_vocab_size(tokenizer: PreTrainedTokenizerBase, multiple_of: int = 1) -> int:
+    """len(tokenizer), rounded up to a multiple (64 keeps GPU matmuls on fast tile sizes)."""
+    return int(math.ceil(len(tokenizer) / multiple_of) * multiple_of)
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def derive_model_config(tokenizer: PreTrainedTokenizerBase, config_name: str, overrides: str | None = None,
+                        pad_vocab_to_multiple_of: int = 1) -> PretrainedConfig:
+    spec = load_model_spec(config_name) | parse_overrides(overrides)
+    model_type = spec.pop("model_type")
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+        spec.pop(key, None)  # the tokenizer decides these, whatever the preset says
+    try:
+        return AutoConfig.for_model(
+            model_type,
+            vocab_size=padded_vocab_size(tokenizer, pad_vocab_to_multiple_of),
+            **special_token_ids(tokenizer),
+            **spec,
+        )
+    except ValueError as error:
+        raise UserError(f"--config_name {config_name}: {str(error).splitlines()[0]}") from None
+
+
+def check_model_tokenizer_pair(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Refuse a model whose embeddings or special ids disagree with the tokenizer."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and vocab < len(tokenizer):
+        raise UserError(
+            f"{where}: the model's vocab_size {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens; "
+            "they were not made for each other"
+        )
+    for key, token_id in special_token_ids(tokenizer).items():
+        model_id = getattr(config, key, None)
+        if model_id is None or token_id is None:
+            continue
+        model_ids = model_id if isinstance(model_id, list) else [model_id]
+        if token_id not in model_ids:
+            raise UserError(f"{where}: the model's {key} is {model_id} but the tokenizer's is {token_id}")
+
+
+def count_parameters(model) -> int:
+    """Parameter count that also works under ZeRO-3, where local tensors are empty shards."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def describe_size(model) -> str:
+    total = count_parameters(model)
+    return f"{total / 1e6:.2f}M parameters" if total >= 1e5 else f"{total:,} parameters"

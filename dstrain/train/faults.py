@@ -1,0 +1,202 @@
+"""Numerical faults (non-finite loss or gradient norm, fp16 loss-scale collapse) and, for the
+tests only, deterministic fault injection.
+
+Why not HF's own handling: `logging_nan_inf_filter` (on by default) replaces a NaN/inf loss in
+the *logged* average and trains on, so a run can diverge silently. The guard here checks every
+micro-batch's loss on every rank, agrees across ranks with one all-reduce (so every rank stops
+at the same point and none is left waiting in a collective), and either stops the run with one
+line naming the step or, with --nonfinite_loss skip, trains that micro-batch with zero gradient.
+"""
+
+import math
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from dstrain.distributed import print0, rank
+from dstrain.errors import UserError
+
+FAULT_ENV = "DSTRAIN_FAULT"
+FAULT_PHASES = ("train", "save", "shard", "nan", "grad")
+
+
+def _every_rank(value: torch.Tensor) -> torch.Tensor:
+    """Each rank's scalar, on every rank (one small all-reduce: NaN + 0 stays NaN)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value.reshape(1)
+    values = torch.zeros(dist.get_world_size(), device=value.device)
+    values[dist.get_rank()] = value
+    dist.all_reduce(values)
+    return values
+
+
+class NonFiniteGuard:
+    """Wraps `trainer.compute_loss`: a NaN/inf training loss on any rank stops every rank with
+    `error: step N: ...`, or (policy "skip") is replaced by a zero loss tied to the trainable
+    parameters, so that micro-batch adds no gradient and the other ranks' all-reduces still match."""
+
+    def __init__(self, trainer, policy: str):
+        self.trainer, self.policy, self.skipped = trainer, policy, 0
+        self.compute_loss = trainer.compute_loss
+        trainer.compute_loss = self
+
+    def __call__(self, model, inputs, *args, **kwargs):
+        result = self.compute_loss(model, inputs, *args, **kwargs)
+        if not model.training:  # evaluation: every rank is here too, but nothing is trained on it
+            return result
+        loss = result[0] if isinstance(result, tuple) else result
+        losses = _every_rank(loss.detach().float().mean())
+        bad = {r: value for r, value in enumerate(losses.tolist()) if not math.isfinite(value)}
+        if not bad:
+            return result
+        step = self.trainer.state.global_step + 1
+        where = ", ".join(f"{value} on rank {r}" for r, value in bad.items())
+        if self.policy != "skip":
+            raise UserError(f"step {step}: the training loss is {where}; stopping (resume with "
+                            "--resume_from_checkpoint last, e.g. with a lower learning rate, or pass "
+                            "--nonfinite_loss skip to skip such batches)")
+        self.skipped += 1
+        print0(f"step {step}: the training loss is {where}; this micro-batch is skipped on every rank "
+               f"({self.skipped} skipped so far)")
+        zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+        return (zero, *result[1:]) if isinstance(result, tuple) else zero
+
+
+class NumericalHealthCallback(TrainerCallback):
+    """After each optimizer step: a non-finite global gradient norm stops the run (the update is
+    already applied by then, so it cannot be skipped), and an fp16 loss scale at its floor is
+    reported. Both values come from the DeepSpeed engine and are the same on every rank, so
+    every rank decides alike without a collective."""
+
+    def __init__(self, trainer):
+        self.trainer, self.warned_scale = trainer, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        engine = self.trainer.model_wrapped
+        get_norm = getattr(engine, "get_global_grad_norm", None)
+        norm = get_norm() if get_norm else None
+        if norm is not None and not math.isfinite(float(norm)):
+            raise UserError(f"step {state.global_step}: the gradient norm is {float(norm)}; stopping (resume with "
+                            "--resume_from_checkpoint last, e.g. with a lower learning rate or --max_grad_norm)")
+        message = loss_scale_collapse(getattr(engine, "optimizer", None), getattr(engine, "skipped_steps", 0),
+                                      state.global_step)
+        if message and not self.warned_scale:
+            self.warned_scale = True
+            print0(f"warning: {message}")
+
+
+def loss_scale_collapse(optimizer, skipped_steps: int, step: int) -> str | None:
+    """A line when fp16 dynamic loss scaling has collapsed: DeepSpeed's DynamicLossScaler (the
+    optimizer's `loss_scaler`) sits at its `min_scale`, so steps keep being skipped for overflow
+    (DeepSpeed then raises once more overflow comes, see LOSS_SCALE_AT_MINIMUM). bf16/fp32 runs
+    have a static scaler (`dynamic` False) and always get None."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if not getattr(scaler, "dynamic", False) or scaler.cur_scale > scaler.min_scale:
+        return None
+    return (f"step {step}: the fp16 loss scale has fallen to its minimum ({scaler.cur_scale:g}) after "
+            f"{skipped_steps} steps skipped for overflow; the run is not learning (lower the learning rate, "
+            "or train in bf16)")
+
+
+# DeepSpeed's DynamicLossScaler raises a bare Exception with this text when an overflow comes at the minimum scale.
+LOSS_SCALE_AT_MINIMUM = "loss scale already at minimum"
+
+
+# ---- fault injection (tests) -----------------------------------------------------------------
+
+@dataclass
+class Fault:
+    """DSTRAIN_FAULT="rank:1,step:5,phase:train": at that step, that rank
+    train: is SIGKILLed once the step is done (before its checkpoint);
+    save:  is SIGKILLed inside the save of checkpoint-<step>, after DeepSpeed wrote global_step<step>/
+           and `latest`, before the RNG states and trainer_state.json;
+    shard: is SIGKILLed right after writing its own ZeRO optimizer shard (other ranks' shards and
+           `latest` may or may not be there);
+    nan:   computes a NaN loss for its first micro-batch of that step;
+    grad:  keeps that micro-batch's loss finite but makes its gradients NaN."""
+
+    rank: int
+    step: int
+    phase: str
+
+
+def fault_from_env() -> Fault | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    try:
+        fields = dict(item.split(":", 1) for item in spec.split(","))
+        fault = Fault(rank=int(fields["rank"]), step=int(fields["step"]), phase=fields["phase"])
+    except (KeyError, ValueError):
+        raise UserError(f"{FAULT_ENV}={spec!r}: expected rank:R,step:S,phase:{'|'.join(FAULT_PHASES)}") from None
+    if fault.phase not in FAULT_PHASES:
+        raise UserError(f"{FAULT_ENV}: phase must be one of {', '.join(FAULT_PHASES)}, got {fault.phase}")
+    return fault
+
+
+def _die() -> None:
+    print(f"{FAULT_ENV}: rank {rank()} kills itself (SIGKILL)", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillAfterStep(TrainerCallback):
+    def __init__(self, fault):
+        self.fault = fault
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.fault.step:
+            _die()
+
+
+def install_fault(trainer) -> None:
+    """Arm the fault named by DSTRAIN_FAULT on this rank (nothing happens without the variable)."""
+    fault = fault_from_env()
+    if fault is None or fault.rank != rank():
+        return
+    at_step = lambda: trainer.state.global_step == fault.step  # noqa: E731
+    if fault.phase == "train":
+        trainer.add_callback(_KillAfterStep(fault))
+    elif fault.phase == "save":
+        save_rng_state = trainer._save_rng_state
+        trainer._save_rng_state = lambda output_dir: _die() if at_step() else save_rng_state(output_dir)
+    elif fault.phase == "shard":
+        # The engine is built inside trainer.train(), so its class method is wrapped (this process only).
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        save_zero_checkpoint = DeepSpeedEngine._save_zero_checkpoint
+
+        def save_shard_then_die(engine, save_path, tag):
+            save_zero_checkpoint(engine, save_path, tag)
+            if at_step():
+                _die()
+
+        DeepSpeedEngine._save_zero_checkpoint = save_shard_then_die
+    else:
+        compute_loss, fired = trainer.compute_loss, []
+
+        def faulty_loss(model, inputs, *args, **kwargs):
+            result = compute_loss(model, inputs, *args, **kwargs)
+            if model.training and trainer.state.global_step + 1 == fault.step and not fired:
+                fired.append(True)
+                loss = result[0] if isinstance(result, tuple) else result
+                loss = loss * float("nan") if fault.phase == "nan" else _NanGradient.apply(loss)
+                return (loss, *result[1:]) if isinstance(result, tuple) else loss
+            return result
+
+        trainer.compute_loss = faulty_loss
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; NaN backward (a finite loss whose gradients blow up)."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return gradient * float("nan")

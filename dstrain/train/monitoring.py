@@ -1,0 +1,343 @@
+"""Is the run healthy and fast? Throughput, MFU, memory and sample generations at each logging step.
+
+HF's Trainer already logs loss, learning rate and grad norm, and its WandbCallback already starts
+the WandB run on rank 0 with the training arguments and the model config. `TrainingMonitor`
+adds, to the same log entries (so they reach WandB, the console and trainer_state.json alike):
+
+    tokens_seen                   non-padding tokens trained so far, all ranks (kept in checkpoints)
+    tokens_per_second             all ranks together, over the last logging interval
+    tokens_per_second_per_device
+    samples_per_second            sequences (packed rows count as one) over the interval
+    step_time                     seconds per optimizer step over the interval
+    mfu                           model FLOPs utilisation: training_flops_per_token() x tokens/s over
+                                  the devices' peak (PEAK_TFLOPS, or --peak_tflops); GPU, or CPU with the flag
+    peak_memory_gb                the largest rank's peak: torch.cuda.max_memory_allocated on GPU,
+                                  the process's max resident set (ru_maxrss) on CPU
+    eval_perplexity               exp(eval_loss), beside every eval_loss
+
+Tokens are counted by a forward pre-hook on the trained model (attention_mask.sum(), or every
+position when there is no mask: packed blocks) into a tensor on the device, so counting costs
+no synchronisation; the ranks' counts are summed with one all_gather per logging step.
+With --sample_every N, every N steps each prompt of --sample_prompts is continued greedily and
+the result printed and logged as a WandB table; every rank takes part (under ZeRO-3 the weights
+are sharded, so generation needs them all: synced_gpus), rank 0 alone prints and logs.
+"""
+
+import json
+import math
+import os
+import re
+import resource
+import time
+from dataclasses import asdict, is_dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from dstrain.distributed import print0
+from dstrain.errors import UserError
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOPs, matched in
+# order against torch.cuda.get_device_name(); more specific names first. Word boundaries keep
+# "A10" from matching "A100" or "A10G", "L40" from "L40S", "H200" from "GH200".
+PEAK_TFLOPS = [
+    (r"\bB200\b", 2250.0),
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b|\bH800\b|\bH200\b|\bGH200\b", 989.0),
+    (r"\bA100\b|\bA800\b", 312.0),
+    (r"\bL40S\b", 362.0),
+    (r"\bL40\b", 181.0),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),
+    (r"\bA6000\b", 155.0),
+    (r"\b4090\b", 165.0),
+    (r"\b3090\b", 71.0),
+    (r"\bV100\b", 125.0),  # no bf16 on V100: its fp16 tensor-core peak
+    (r"\bT4\b", 65.0),  # fp16, as V100
+    (r"\bMI300X\b", 1307.0),
+    (r"\bMI250X?\b", 383.0),
+]
+
+DEFAULT_SAMPLE_PROMPTS = ["Once upon a time", "The meaning of life is", "def fibonacci(n):"]
+
+
+# ===== pure derivations =====
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """The device's dense bf16 peak in TFLOPs from PEAK_TFLOPS, or None for a device not in it."""
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops
+    return None
+
+
+def training_flops_per_token(parameters: int, trainable: int, layers: int, hidden: int, seq_len: int) -> float:
+    """FLOPs to train on one token: 2 per weight forward, 2 backward for the activations' gradient,
+    2 more for the weight's own gradient where it is trained (6N when every weight is; LoRA's frozen
+    weights cost 4), plus attention's scores and weighted sum, 4 * seq_len * hidden per layer forward,
+    twice that backward (PaLM appendix B: 6N + 12 * layers * hidden * seq_len).
+    Recomputation under activation checkpointing is not counted, as MFU's definition asks."""
+    return 4 * parameters + 2 * trainable + 12 * layers * hidden * seq_len
+
+
+def _numel(parameter) -> int:
+    return getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 leaves an empty tensor; ds_numel is the size
+
+
+def matmul_parameter_counts(model) -> tuple[int, int]:
+    """(parameters, trainable ones) that take part in a matrix product for every token: all of them
+    (tied weights once, ZeRO-3 shards at their full size) except an input embedding that is only
+    looked up. A tied embedding stays: it is the output layer's product."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    parameters = sum(_numel(p) for p in unique)
+    trainable = sum(_numel(p) for p in unique if p.requires_grad)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embedding is not None and (output is None or output.weight is not embedding.weight):
+        parameters -= _numel(embedding.weight)
+        trainable -= _numel(embedding.weight) if embedding.weight.requires_grad else 0
+    return parameters, trainable
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The peak of this process: allocated by torch on a GPU; on CPU the resident set (ru_maxrss is
+    KiB on Linux), which includes the libraries and the data, not tensors alone."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def counted_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Tokens a batch trains on: the mask's ones (padding excluded), or every position when there is
+    no mask (packed blocks and packed rows). A device tensor or an int: no synchronisation."""
+    return attention_mask.sum() if attention_mask is not None else input_ids.numel()
+
+
+def model_shape(model) -> tuple[int, int]:
+    """(layers, hidden size) from the model's config, 0 for what a config does not name."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0) or 0
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 0
+    return int(layers), int(hidden)
+
+
+def reported_to(report_to) -> list[str]:
+    if not report_to:
+        return []
+    return [report_to] if isinstance(report_to, str) else list(report_to)
+
+
+# ===== arguments (called from TrainingArguments.__post_init__) =====
+
+def configure_reporting(args) -> None:
+    """Check the monitoring flags and hand the WandB ones to wandb through its own variables, before
+    anything starts a run (the data audit may start it, before the Trainer's callback does).
+    Flags win over WANDB_* variables already set."""
+    targets = reported_to(args.report_to)
+    if "swanlab" in targets and find_spec("swanlab") is None:
+        raise UserError("--report_to swanlab needs the swanlab package: pip install swanlab")
+    if "wandb" in targets:
+        os.environ["WANDB_PROJECT"] = args.wandb_project or os.environ.get("WANDB_PROJECT") or "dstrain"
+        for value, variable in ((args.wandb_group, "WANDB_RUN_GROUP"), (args.wandb_tags, "WANDB_TAGS")):
+            if value:
+                os.environ[variable] = value
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UserError(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    if args.sample_every < 0 or args.sample_max_new_tokens < 1:
+        raise UserError("--sample_every must be 0 (off) or more, and --sample_max_new_tokens at least 1")
+    args.sample_prompts = load_prompts(args.sample_prompts) if args.sample_every else args.sample_prompts
+
+
+def load_prompts(values: list[str] | None) -> list[str]:
+    """--sample_prompts: the prompts themselves, or one file: .json (a list of strings) or text
+    (one prompt per line). None: DEFAULT_SAMPLE_PROMPTS."""
+    if not values:
+        return list(DEFAULT_SAMPLE_PROMPTS)
+    if len(values) > 1 or not values[0].endswith((".txt", ".json")):
+        return list(values)
+    path = Path(values[0])
+    if not path.is_file():
+        raise UserError(f"--sample_prompts: no file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts) or not prompts:
+            raise UserError(f"{path}:1: expected a JSON list of non-empty strings")
+        return prompts
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{path}:1: no prompt in the file (one per line)")
+    return prompts
+
+
+# ===== the callback =====
+
+class TrainingMonitor(TrainerCallback):
+    """See the module docstring. It must run before the reporting callbacks: `add_monitoring`."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.args = trainer.args
+        self.peak_tflops = self.args.peak_tflops
+        if self.peak_tflops is None and torch.cuda.is_available():
+            self.peak_tflops = peak_tflops_for(torch.cuda.get_device_name())
+            if self.peak_tflops is None:
+                print0(f"No peak FLOPs known for {torch.cuda.get_device_name()}: pass --peak_tflops to log MFU")
+        self.hook = None
+        self.counts = None  # [tokens, sequences, tokens * sequence length] since the last log, this rank
+        self.last_time = self.last_step = None
+        self.config_logged = False
+        self.samples = []  # [step, prompt, completion] rows; WandB tables cannot grow, so each log resends all
+
+    # ---- counting, on every forward that trains ----
+    def _count(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not (module.training and torch.is_grad_enabled()) or not isinstance(input_ids, torch.Tensor):
+            return  # eval, generation, a reference model's no-grad pass
+        tokens = counted_tokens(input_ids, kwargs.get("attention_mask"))
+        batch = torch.stack([torch.as_tensor(tokens, device=input_ids.device, dtype=torch.float64),
+                             torch.tensor(float(input_ids.shape[0]), device=input_ids.device, dtype=torch.float64)])
+        batch = torch.cat([batch, batch[:1] * input_ids.shape[-1]])
+        self.counts = batch if self.counts is None else self.counts + batch
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = self.trainer.model
+        self.hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self.parameters, self.trainable = matmul_parameter_counts(model)
+        self.layers, self.hidden = model_shape(model)
+        self.last_time, self.last_step = time.perf_counter(), state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Here rather than on_train_begin: this callback runs first, before WandbCallback starts the run.
+        if not self.config_logged and state.is_world_process_zero and self._wandb_run() is not None:
+            self._wandb_run().config.update(self.run_config(), allow_val_change=True)
+        self.config_logged = True
+
+    # ---- metrics, at every logging step (every rank calls on_log, so the all_gather is safe) ----
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        added = {}
+        if "eval_runtime" in logs and self.last_time is not None:
+            self.last_time += logs["eval_runtime"]  # evaluation is no training step: keep it out of step_time
+        if "eval_loss" in logs:
+            added["eval_perplexity"] = math.exp(logs["eval_loss"]) if logs["eval_loss"] < 700 else float("inf")
+        if "loss" in logs and self.last_time is not None:
+            added |= self._interval_metrics(state)
+        logs.update(added)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(added)  # the Trainer stored a copy of `logs` before the callbacks
+
+    def _interval_metrics(self, state) -> dict:
+        device = self.args.device
+        local = torch.zeros(3, dtype=torch.float64, device=device) if self.counts is None else self.counts.to(device)
+        local = torch.cat([local, torch.tensor([float(peak_memory_bytes(device))], dtype=torch.float64, device=device)])
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            gathered = [torch.zeros_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local)
+            every = torch.stack(gathered)
+            local = torch.cat([every[:, :3].sum(0), every[:, 3].max().unsqueeze(0)])
+        tokens, sequences, token_positions, memory = local.tolist()
+        self.counts = None
+        now, steps = time.perf_counter(), max(state.global_step - self.last_step, 1)
+        seconds = max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, state.global_step
+        if self.args.include_num_input_tokens_seen == "no":  # otherwise the Trainer counts them itself
+            state.num_input_tokens_seen += int(tokens)
+        metrics = {
+            "tokens_seen": state.num_input_tokens_seen,
+            "tokens_per_second": tokens / seconds,
+            "tokens_per_second_per_device": tokens / seconds / world,
+            "samples_per_second": sequences / seconds,
+            "step_time": seconds / steps,
+            "peak_memory_gb": memory / 2**30,
+        }
+        if self.peak_tflops:
+            # Sequence lengths vary between batches: the weights' share per token, then attention's
+            # share summed over the tokens at their own batch's length.
+            flops = (training_flops_per_token(self.parameters, self.trainable, 0, 0, 0) * tokens
+                     + training_flops_per_token(0, 0, self.layers, self.hidden, 1) * token_positions)
+            metrics["mfu"] = flops / seconds / (self.peak_tflops * 1e12 * world)
+        return metrics
+
+    # ---- sample generations ----
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.sample_every and state.global_step % args.sample_every == 0:
+            self.generate_samples(state)
+
+    def generate_samples(self, state) -> None:
+        model, tokenizer = self.trainer.model, self.trainer.processing_class
+        if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: True)()) or tokenizer is None:
+            print0("--sample_every: this model does not generate text; no samples")
+            self.args.sample_every = 0
+            return
+        was_training, rows, start = model.training, [], time.perf_counter()
+        model.eval()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        with torch.no_grad():
+            for prompt in self.args.sample_prompts:
+                ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.args.device)
+                # Every rank runs the same prompts; synced_gpus keeps ZeRO-3's gathers in step
+                # even when one rank's generation would stop earlier.
+                output = model.generate(**ids, max_new_tokens=self.args.sample_max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                        synced_gpus=world > 1)
+                rows.append([state.global_step, prompt, tokenizer.decode(output[0, ids["input_ids"].shape[1]:])])
+        model.train(was_training)
+        if self.last_time is not None:
+            self.last_time += time.perf_counter() - start  # nor is generating: keep it out of step_time
+        if not state.is_world_process_zero:
+            return
+        print0(f"Samples at step {state.global_step}:\n" + "\n".join(f"  {p!r} -> {c!r}" for _, p, c in rows))
+        self.samples += rows
+        run = self._wandb_run()
+        if run is not None:
+            import wandb
+
+            run.log({"samples/generations": wandb.Table(columns=["step", "prompt", "completion"], data=self.samples),
+                     "train/global_step": state.global_step})
+
+    # ---- the run's whole configuration ----
+    def run_config(self) -> dict:
+        """What WandbCallback does not log: our other argument dataclasses (parse_args attaches them),
+        the DeepSpeed config with its "auto" values resolved, and the FLOPs accounting."""
+        config = {"run_arguments": {type(a).__name__: _plain(asdict(a))
+                                    for a in getattr(self.args, "run_arguments", []) if is_dataclass(a)}}
+        deepspeed = getattr(self.args, "hf_deepspeed_config", None)
+        if deepspeed is not None:
+            config["deepspeed_config"] = _plain(deepspeed.config)
+        config["monitoring"] = {"matmul_parameters": self.parameters, "trainable_parameters": self.trainable,
+                                "peak_tflops_per_device": self.peak_tflops,
+                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        return config
+
+    def _wandb_run(self):
+        if "wandb" not in reported_to(self.args.report_to):
+            return None
+        import wandb
+
+        return wandb.run
+
+
+def _plain(values):
+    """JSON-safe (paths, enums, torch dtypes become strings) for the run config."""
+    return json.loads(json.dumps(values, default=str))
+
+
+def add_monitoring(trainer) -> TrainingMonitor:
+    """Attach the monitor ahead of every other callback: the metrics it adds to a log entry must be
+    there before the reporting callbacks (WandB, the console printer) read it."""
+    monitor = TrainingMonitor(trainer)
+    trainer.callback_handler.callbacks.insert(0, monitor)
+    return monitor

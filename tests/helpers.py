@@ -1,0 +1,150 @@
+"""What the tests share besides fixtures: running the entry scripts as a user would (a subprocess,
+or in-process for speed), with exit code and output, and the tiny pretraining run's flags."""
+
+import importlib.util
+import io
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def script_env(**extra) -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               **extra)
+    for inherited in ("CUDA_VISIBLE_DEVICES", "WANDB_DIR"):  # each run decides these for itself
+        env.pop(inherited, None)
+    return env
+
+
+def run_job(command, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run a command (and whatever it starts: DeepSpeed's launcher starts one process per rank) to
+    its end, output captured. One that overstays `timeout` fails the test with each rank's Python
+    stacks (the scripts print them on SIGUSR1), and none of its processes outlives it: a
+    subprocess.run timeout kills the launcher alone and would leave hung ranks spinning for the
+    rest of the session."""
+    with subprocess.Popen(list(map(str, command)), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env or script_env(), start_new_session=True) as job:
+        try:
+            stdout, stderr = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ranks = subprocess.run(["pgrep", "-s", str(job.pid), "-f", "--", "--local_rank="],
+                                   capture_output=True, text=True).stdout.split()
+            for pid in ranks:
+                os.kill(int(pid), signal.SIGUSR1)
+            time.sleep(2)  # faulthandler writes at once; the pipes need a moment
+            os.killpg(job.pid, signal.SIGKILL)
+            stdout, stderr = job.communicate()
+            pytest.fail(f"{' '.join(map(str, command[:6]))} ... did not end within {timeout} s; killed. The ranks' "
+                        f"stacks and the output's end:\n{stdout[-3000:]}\n{stderr[-12000:]}", pytrace=False)
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+
+
+def run_script(*args, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run `python <args>` in the repo; returns the finished process (output captured)."""
+    return run_job([sys.executable, *args], cwd=cwd, timeout=timeout, env=env)
+
+
+def run_main_in_process(script: str, *args) -> subprocess.CompletedProcess:
+    """`python <script> <args>` without a new interpreter: the script's `__main__` block runs here with
+    that argv; its exit code, stdout and stderr come back as a subprocess would give them, and an
+    exception that escapes the script is printed as the traceback a real process would show."""
+    argv = [str(REPO / script), *map(str, args)]
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    # The scripts set process-wide variables (WANDB_DIR, ACCELERATE_USE_DEEPSPEED) as a real run
+    # would; they must not leak into later tests or the subprocesses those start.
+    saved_argv, saved_environ, sys.argv = sys.argv, dict(os.environ), argv
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as exit_:
+                returncode = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            except Exception:  # noqa: BLE001 - reported like an uncaught error, then asserted on
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_environ)
+    return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def import_script(script: str):
+    """An entry script as a module (its `__main__` block not run), to test its functions."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_succeeded(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+PRETRAIN_STEPS, PRETRAIN_SAVE_EVERY = 12, 4
+
+
+def train_flags(tokenizer_dir, corpus, output_dir, cache_dir, **overrides) -> list[str]:
+    """pretrain.py flags for a seconds-long tiny run that still learns (loss logged every step)."""
+    flags = {
+        "tokenizer_name": tokenizer_dir, "config_name": "tiny", "train_files": corpus,
+        "block_size": 64, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+        "learning_rate": 5e-3, "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "weight_decay": 0.1,
+        "max_steps": PRETRAIN_STEPS, "logging_steps": 1, "save_steps": PRETRAIN_SAVE_EVERY, "validation_split_percentage": 10,
+        "report_to": "none", "output_dir": output_dir, "data_cache_dir": cache_dir, "seed": 7,
+    } | overrides
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_deepspeed(script, *args, ranks=2, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N script ...`: N CPU ranks here, N GPUs where there are some."""
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+    return run_job(command, cwd=cwd, timeout=timeout, env=env)
+
+
+def stale_build_lock(extensions_dir: Path, op: str, minutes_old: float) -> Path:
+    """The `lock` file an interrupted build of DeepSpeed op `op` leaves, dated `minutes_old` ago."""
+    lock = extensions_dir / op / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    then = time.time() - minutes_old * 60
+    os.utime(lock, (then, then))
+    return lock
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The run failed with one `error:` line naming what is wrong, and no traceback."""
+    assert result.returncode != 0, f"expected a failure, got rc 0:\n{result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors, f"no 'error:' line in stderr:\n{result.stderr[-3000:]}"
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    return errors[0]
+
+

@@ -1,1 +1,0 @@
-"""Everything the dstrain entry scripts share."""
