@@ -28,7 +28,8 @@ from dstrain.errors import UserError, cli_entry
 from dstrain.data.blocks import pretraining_datasets
 from dstrain.model.loading import choose_block_size, load_tokenizer, model_config_for
 from dstrain.data.pairs import preference_datasets
-from dstrain.data.sft import require_chat_template, sft_datasets
+from dstrain.data.chat_template import require_chat_template
+from dstrain.data.sft import sft_datasets
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dstrain.model.adapters import quantization_config
 from dstrain.model.loading import build_model, load_tokenizer, model_config_for
 from dstrain.train.preference import dpo_trainer
 from dstrain.data.pairs import preference_datasets
-from dstrain.data.sft import configure_chat_generation, require_chat_template
+from dstrain.data.chat_template import configure_chat_generation, require_chat_template
 from dstrain.train.steps import evaluate_and_record, resume_checkpoint, train_and_save
 
 

@@ -22,7 +22,8 @@ from dstrain.errors import UserError, cli_entry
 from dstrain.data.blocks import pretraining_datasets
 from dstrain.model.adapters import apply_lora, quantization_config
 from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
-from dstrain.data.sft import configure_chat_generation, require_chat_template, sft_collator, sft_datasets
+from dstrain.data.chat_template import configure_chat_generation, require_chat_template
+from dstrain.data.sft import sft_collator, sft_datasets
 from dstrain.train.steps import resume_checkpoint, train_save_evaluate
 
 

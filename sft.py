@@ -24,7 +24,8 @@ from dstrain.audit import audit_before_training
 from dstrain.distributed import finish
 from dstrain.errors import UserError, cli_entry
 from dstrain.model.loading import build_model, context_length, load_tokenizer, model_config_for
-from dstrain.data.sft import configure_chat_generation, require_chat_template, sft_collator, sft_datasets, write_preview
+from dstrain.data.chat_template import configure_chat_generation, require_chat_template
+from dstrain.data.sft import sft_collator, sft_datasets, write_preview
 from dstrain.train.steps import resume_checkpoint, train_save_evaluate
 
 

@@ -25,7 +25,8 @@ from dstrain.data.chat_format import iter_conversations
 from dstrain.data.records import expand_inputs
 from dstrain.model.config import derive_model_config
 from dstrain.data.python_docs import documentation_chats, documentation_texts
-from dstrain.data.sft import IGNORE, PackedRowsCollator, fit_to_length, pack_into_rows, tokenize_conversation
+from dstrain.data.chat_template import IGNORE, tokenize_conversation
+from dstrain.data.sft import PackedRowsCollator, fit_to_length, pack_into_rows
 from dstrain.data.tokenizer import train_bpe_tokenizer
 
 

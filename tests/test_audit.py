@@ -12,11 +12,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process
 from dstrain.arguments import ChatDataArguments, DataArguments, PreferenceDataArguments
-from dstrain.audit import audit, planned_generation_config, template_end_of_turn
+from dstrain.audit import audit, planned_generation_config
 from dstrain.data.cache import ProcessedDatasets
 from dstrain.data.blocks import pretraining_datasets
 from dstrain.data.pairs import preference_datasets
-from dstrain.data.sft import IGNORE, sft_datasets
+from dstrain.data.chat_template import IGNORE, closing_token
+from dstrain.data.sft import sft_datasets
 from dstrain.data.tokenizer import CHATML_TEMPLATE
 
 REPLY_BLOCK = "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
@@ -147,7 +148,7 @@ def test_a_template_with_no_end_of_turn_token_is_refused(tokenizer_dir, base_mod
         "{%- if message['role'] == 'assistant' %}{% generation %}{{- message['content'] }}{% endgeneration %}"
         "{%- else %}{{- message['content'] }}{%- endif %}{{- '\\n\\n' }}{%- endfor %}"
         "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"))
-    assert template_end_of_turn(plain) is None
+    assert closing_token(plain) is None
     result = audit_chats(ProcessedDatasets({}), plain, base_model)
     [finding] = result.findings
     assert finding.check == 2 and "no special token" in finding.problem and "<|im_end|>" in finding.fix

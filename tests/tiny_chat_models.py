@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dstrain.data.sft import IGNORE, configure_chat_generation, tokenize_conversation
+from dstrain.data.chat_template import IGNORE, configure_chat_generation, tokenize_conversation
 
 QUESTION = "What does str.upper() do?"
 REPLIES = {  # what the chat model, and each adapter over it, learns to answer to QUESTION

@@ -38,12 +38,11 @@ from dstrain.arguments import LoraArguments, TrainingArguments, json_to_argv
 from dstrain.data.cache import length_histogram
 from dstrain.distributed import finish, is_main_process, print0
 from dstrain.errors import UserError
-from dstrain.data.sft import IGNORE, QUIET, has_generation_markers, set_chat_stops, tokenize_conversation
+from dstrain.data.chat_template import IGNORE, PROBE, closing_token, has_generation_markers, set_chat_stops, tokenize_conversation
 
 FIRST = 5  # offending records named per problem
 BATCH_ROWS = 2_000
 MAX_PACKING_LOSS = 0.05  # share of a split's tokens that block packing may leave out before it is a problem
-PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
 @dataclass
@@ -258,7 +257,7 @@ def audit_chat_split(name: str, dataset: Dataset, context: AuditContext) -> Spli
                                     "token")
         + offenders["positions"].finding(4, "packed rows whose position ids do not restart at 0 at each conversation "
                                             "and count up within it", "attention would cross conversations: pack "
-                                                                      "with utils/sft_data.packed_rows")
+                                                                      "with dstrain.data.sft.packed_rows")
         + offenders["crossing"].finding(4, "packed conversations whose first token is trained",
                                         "the previous conversation's last token would learn to predict it: label "
                                         "a conversation's first token -100")
@@ -368,7 +367,7 @@ def audit_pair_split(name: str, dataset: Dataset, context: AuditContext) -> Spli
                                         "render each reply through the chat template (dstrain/data/pairs.py)")
         + offenders["too_long"].finding(6, f"pairs longer than --max_length {context.max_length}",
                                         "the trainer would cut them where the two sides differ: fit them with "
-                                        "utils/preference_data.fit_pair")
+                                        "dstrain.data.pairs.fit_pair")
         + offenders["range"].finding(3, f"pairs with token ids past the model's {context.embedding_rows} embedding "
                                         "rows", "an index error on the GPU: the tokenizer is not the model's"))
     summary = {**totals, "truncated": context.report.get("truncated"), "dropped": context.report.get("dropped"),
@@ -382,19 +381,6 @@ register_stage("preference", audit_pair_split, chat=True)
 
 
 # ---------------------------------------------------------------- template, tokenizer and model
-
-
-def template_end_of_turn(tokenizer) -> int | None:
-    """The last special token the chat template puts after an assistant reply's text (ChatML's
-    <|im_end|>), read off a rendering; None when it puts none there."""
-    def render(messages, prompt: bool) -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tokenizer_kwargs=QUIET,
-                                                  add_generation_prompt=prompt)["input_ids"])
-
-    before, through = render(PROBE[:1], True), render(PROBE, False)
-    special = set(tokenizer.all_special_ids)
-    closing = [token for token in through[len(before):] if token in special]
-    return closing[-1] if closing else None
 
 
 def template_findings(tokenizer, end_of_turn: int | None, generation_config) -> list[Finding]:
@@ -544,7 +530,7 @@ def audit(stage: str, data, tokenizer, config=None, generation_config=None, mode
     if stage not in STAGES:
         raise UserError(f"the data audit knows no stage '{stage}' (known: {', '.join(STAGES)})")
     checks = STAGES[stage]
-    end_of_turn = template_end_of_turn(tokenizer) if checks.chat else None
+    end_of_turn = closing_token(tokenizer) if checks.chat else None
     findings = template_findings(tokenizer, end_of_turn, generation_config) if checks.chat else []
     findings += model_findings(tokenizer, config, generation_config, model)
     report, splits = getattr(data, "report", {}), {}

@@ -23,6 +23,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from dstrain.data.chat_format import check_turn_order
+from dstrain.data.chat_template import render
 from dstrain.data.records import BadRecord, ReadStats, iter_parsed_lines, parse_json_line, raise_if_nothing_read
 from dstrain.data.cache import ProcessedDatasets, corpus_datasets, records_dataset, with_validation_marks
 from dstrain.distributed import print0
@@ -32,7 +33,6 @@ from dstrain.data.blocks import split_by_marks
 CACHE_LAYOUT_VERSION = "2"  # 2: the build report (truncated, dropped per split)
 SIDES = ("chosen", "rejected")
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]*")
-QUIET = {"verbose": False}  # over-long pairs are fitted below; the tokenizer's length warning would mislead
 
 
 # ---------------------------------------------------------------- reading and checking records
@@ -132,18 +132,13 @@ def iter_pairs(files: list[Path], skip_bad_records: bool = False, stats: ReadSta
 # ---------------------------------------------------------------- rendering and fitting
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tokenizer_kwargs=QUIET,
-                                              add_generation_prompt=add_generation_prompt)["input_ids"])
-
-
 def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str) -> dict:
     """{"prompt_ids", "chosen_ids", "rejected_ids"}: the prompt with the assistant's opening, then each
     reply through its end of turn, cut from one rendering of the whole conversation per side."""
-    prompt_ids = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    prompt_ids = render(tokenizer, prompt, add_generation_prompt=True)
     pair = {"prompt_ids": prompt_ids}
     for side, reply in zip(SIDES, (chosen, rejected)):
-        whole = render_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+        whole = render(tokenizer, prompt + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
         if whole[:len(prompt_ids)] != prompt_ids:
             raise UserError("the chat template renders the prompt differently once a reply follows, so both "
                             "sides of a pair cannot share the same prompt tokens; use a template that renders "

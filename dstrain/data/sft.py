@@ -1,17 +1,9 @@
 """Chat SFT data: token ids with labels only on the assistant replies, and packing without
 contamination between conversations.
 
-Which tokens are trained. The assistant replies and the end-of-turn token that closes each
-(`<|im_end|>` for ChatML); system, user and template tokens get -100. Two ways to find them:
-- templates with `{% generation %}` markers (this project's tokenizers, and any whose template
-  has them): the template's own mask, `apply_chat_template(return_assistant_tokens_mask=True)`;
-- other templates (most published ones, e.g. Qwen2.5, Llama 3, Mistral): each assistant turn's
-  tokens are found by rendering the conversation up to that turn with the generation prompt
-  and again with the reply; the tokens in between, up to and including the last special token
-  among them (the end-of-turn token), are the reply. A template whose rendering of a prefix is
-  not a prefix of the whole (it rewrites earlier turns) is refused with a clear error.
-Both find the reply by position, never by searching the text, so content that looks like
-template markup (`<|im_start|>assistant`) cannot move the mask.
+Which tokens are trained: the assistant replies and the end-of-turn token that closes each
+(`<|im_end|>` for ChatML); system, user and template tokens get -100. How they are found:
+dstrain/data/chat_template.py.
 
 Length. A conversation longer than max_length is cut after the last assistant reply that
 fits whole; one whose first reply does not fit is dropped. Both are counted, with the first
@@ -38,64 +30,14 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq
 
 from dstrain.data.chat_format import conversation_from_record
+from dstrain.data.chat_template import IGNORE, tokenize_conversation
 from dstrain.data.records import ReadStats, iter_parsed_lines, parse_json_line, raise_if_nothing_read
 from dstrain.data.cache import ProcessedDatasets, corpus_datasets, records_dataset, with_validation_marks
 from dstrain.distributed import print0
 from dstrain.errors import UserError
 from dstrain.data.blocks import split_by_marks
 
-IGNORE = -100
 CACHE_LAYOUT_VERSION = "2"  # 2: source / sources columns and the build report
-# Conversations longer than the model are fitted below; the tokenizer's warning that a sequence
-# exceeds model_max_length would only mislead.
-QUIET = {"verbose": False}
-
-
-def has_generation_markers(tokenizer) -> bool:
-    template = tokenizer.chat_template or ""
-    return "generation %}" in template and "endgeneration" in template
-
-
-def require_chat_template(tokenizer, where: str) -> None:
-    if not tokenizer.chat_template:
-        raise UserError(f"{where}: the tokenizer has no chat template; train one with tokenizer.py (ChatML) "
-                        "or use a model that ships one")
-
-
-def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation; labels are -100 outside the assistant replies."""
-    if has_generation_markers(tokenizer):
-        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True, tokenizer_kwargs=QUIET)
-        ids = list(encoded["input_ids"])
-        return ids, [token if keep else IGNORE for token, keep in zip(ids, encoded["assistant_masks"])]
-    return _tokenize_by_prefixes(tokenizer, messages)
-
-
-def _render(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tokenizer_kwargs=QUIET,
-                                              add_generation_prompt=add_generation_prompt)["input_ids"])
-
-
-def _tokenize_by_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    ids = _render(tokenizer, messages, add_generation_prompt=False)
-    labels = [IGNORE] * len(ids)
-    special = set(tokenizer.all_special_ids)
-    for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:turn], add_generation_prompt=True)
-        through = _render(tokenizer, messages[:turn + 1], add_generation_prompt=False)
-        if ids[:len(before)] != before or ids[:len(through)] != through:
-            raise UserError("the chat template renders a conversation's beginning differently from the whole "
-                            "conversation, so the assistant tokens cannot be located; use a template with "
-                            "{% generation %} markers")
-        reply = list(range(len(before), len(through)))
-        closing = [i for i in reply if ids[i] in special]
-        end = closing[-1] + 1 if closing else len(through)  # through the end-of-turn token, not past it
-        for i in range(len(before), end):
-            labels[i] = ids[i]
-    return ids, labels
 
 
 def assistant_spans(labels: list[int]) -> list[tuple[int, int]]:
@@ -194,25 +136,6 @@ def sft_collator(tokenizer, packing: bool, attn_implementation: str | None = Non
         return PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, flatten=flash)
     # Dynamic padding to the longest conversation of the batch, never to max_length.
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
-
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token that closes an assistant reply (<|im_end|> for ChatML), read off the template."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    _, labels = tokenize_conversation(tokenizer, probe)
-    trained = [label for label in labels if label != IGNORE]
-    special = set(tokenizer.all_special_ids)
-    return trained[-1] if trained and trained[-1] in special else tokenizer.eos_token_id
-
-
-def configure_chat_generation(model, tokenizer) -> None:
-    """Make `generate` stop at the end of an assistant turn, not only at eos, in the saved model."""
-    set_chat_stops(model.generation_config, tokenizer)
-
-
-def set_chat_stops(generation_config, tokenizer) -> None:
-    generation_config.eos_token_id = list(dict.fromkeys([end_of_turn_id(tokenizer), tokenizer.eos_token_id]))
-    generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 FIRST_DROPPED = 10  # how many dropped conversations the build report names

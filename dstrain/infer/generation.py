@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteri
 from dstrain.errors import UserError
 from dstrain.model.adapters import adapter_base, is_adapter_folder
 from dstrain.model.loading import context_length, load_tokenizer
-from dstrain.data.sft import end_of_turn_id
+from dstrain.data.chat_template import end_of_turn_id, has_chat_template, render
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
@@ -157,16 +157,11 @@ def _attach_adapters(model, adapters: dict[str, str]):
 
 # ===== prompts =====
 
-def has_chat_template(tokenizer) -> bool:
-    return bool(tokenizer.chat_template)
-
-
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The conversation through the tokenizer's chat template, ending with the assistant's cue."""
     if not has_chat_template(tokenizer):
         raise UserError("this model's tokenizer has no chat template: use plain continuation (--prompt)")
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True, tokenizer_kwargs={"verbose": False})["input_ids"])
+    return render(tokenizer, messages, add_generation_prompt=True)
 
 
 def text_prompt_ids(tokenizer, text: str) -> list[int]:

@@ -19,8 +19,8 @@ from dstrain.data.records import BadRecord, expand_inputs, iter_parsed_lines, pa
 from dstrain.errors import UserError
 from dstrain.model.adapters import is_adapter_folder, load_adapter_model, lora_config, report_trainable
 from dstrain.model.loading import load_tokenizer
-from dstrain.data.pairs import (SIDES, as_reward_pairs, checked_messages, pair_from_record, render_chat,
-                                   transcript_turns)
+from dstrain.data.chat_template import render
+from dstrain.data.pairs import SIDES, as_reward_pairs, checked_messages, pair_from_record, transcript_turns
 
 
 def reward_config(config):
@@ -87,7 +87,7 @@ def load_reward_model(path: str):
 def rewards(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int = 8) -> list[float]:
     """The score of each reply to its prompt, rendered exactly as in training (prompt + reply through
     the chat template). Batches are right-padded; the model reads the last real token."""
-    sequences = [render_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+    sequences = [render(tokenizer, prompt + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
                  for prompt, reply in zip(prompts, replies)]
     scores = []
     for start in range(0, len(sequences), batch_size):
