@@ -18,55 +18,70 @@ training run that follows reuses it. The model's weights are not loaded: the che
 weights run at the start of training.
 """
 
-import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
-from dstrain.arguments import ChatOrTextDataArguments, ModelArguments, parse_args
-from dstrain.audit import STAGES, audit, planned_generation_config, without_training_flags
-from dstrain.errors import UserError, cli_entry
+from dstrain.arguments import (AuditDataArguments, DPOTrainingArguments, LoraArguments, ModelArguments,
+                               PreferenceLoraArguments, RewardTrainingArguments, TrainingArguments)
+from dstrain.audit import STAGES, audit, planned_generation_config
+from dstrain.cli import CommandLine, build, cli_entry, parse_known, refuse_unknown
 from dstrain.data.blocks import pretraining_datasets
-from dstrain.model.loading import choose_block_size, load_tokenizer, model_config_for
-from dstrain.data.pairs import preference_datasets
 from dstrain.data.chat_template import require_chat_template
+from dstrain.data.pairs import preference_datasets
 from dstrain.data.sft import sft_datasets
+from dstrain.errors import UserError
+from dstrain.model.loading import choose_block_size, load_tokenizer, model_config_for
+
+ARGUMENTS = (ModelArguments, AuditDataArguments)
+# The training flags a stage's scripts take besides the data's, accepted (and ignored but for the seed)
+# so that audit.py reads a training run's own command line or JSON config with that script's parser.
+TRAINING_ARGUMENTS = {
+    "sft": [(TrainingArguments, LoraArguments)],
+    "pretrain": [(TrainingArguments, LoraArguments)],
+    "preference": [(RewardTrainingArguments, PreferenceLoraArguments), (DPOTrainingArguments, PreferenceLoraArguments)],
+}
 
 
-@dataclass
-class AuditArguments:
-    stage: str = field(default="sft", metadata={"help": "Which training the data is for.", "choices": list(STAGES)})
-    seed: int = field(default=42, metadata={"help": "The training run's seed: it draws the validation split."})
+def parse_audit_args(argv: list[str] | None = None) -> tuple[ModelArguments, AuditDataArguments, int]:
+    """The model and data arguments, and the training run's seed (it draws the validation split)."""
+    command = CommandLine.read(argv)
+    namespace, keys, flags = parse_known(ARGUMENTS, command)
+    data_args = build(AuditDataArguments, namespace)
+    rest = CommandLine(flags, keys, command.config_path)
+    for training_types in TRAINING_ARGUMENTS[data_args.stage]:  # reward.py's or dpo.py's, for preference pairs
+        training, unknown_keys, unknown_flags = parse_known(training_types, rest)
+        if not (unknown_keys or unknown_flags):
+            break
+    refuse_unknown(rest, unknown_keys, unknown_flags)
+    return build(ModelArguments, namespace), data_args, training.seed
 
 
-def main(model_args: ModelArguments, data_args: ChatOrTextDataArguments, audit_args: AuditArguments) -> None:
+def main(model_args: ModelArguments, data_args: AuditDataArguments, seed: int) -> None:
     # ===== 1. tokenizer and model config, as the training script loads them =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     config = model_config_for(model_args, tokenizer)
-    chat = STAGES[audit_args.stage].chat
+    chat = STAGES[data_args.stage].chat
 
     # ===== 2. the processed data, as the training script builds it (and caches it for that run) =====
     single_process = lambda desc: nullcontext()  # noqa: E731
-    if audit_args.stage == "preference":
+    if chat:
         require_chat_template(tokenizer, model_args.tokenizer_name)
-        data = preference_datasets(data_args, tokenizer, data_args.max_length, audit_args.seed, single_process)
+    if data_args.stage == "preference":
+        data = preference_datasets(data_args, tokenizer, seed, single_process)
     elif chat:
-        require_chat_template(tokenizer, model_args.tokenizer_name)
-        data = sft_datasets(data_args, tokenizer, audit_args.seed, single_process)
+        data = sft_datasets(data_args, tokenizer, seed, single_process)
     else:
         block_size = choose_block_size(data_args.block_size, config,
                                        model_args.config_name or model_args.model_name_or_path)
-        data = pretraining_datasets(data_args, tokenizer, block_size, audit_args.seed, single_process)
+        data = pretraining_datasets(data_args, tokenizer, block_size, seed, single_process)
 
     # ===== 3. the checks, the summary, the verdict =====
     generation_config = planned_generation_config(model_args.model_name_or_path, config, tokenizer, chat)
-    result = audit(audit_args.stage, data, tokenizer, config, generation_config, None,
+    result = audit(data_args.stage, data, tokenizer, config, generation_config, None,
                    data_args.max_length, data_args.drop_too_long)
     print(result.render())
     if result.findings and data_args.audit == "error":
         raise UserError(result.error_line())
 
 
-ARGUMENTS = (ModelArguments, ChatOrTextDataArguments, AuditArguments)
-
 if __name__ == "__main__":
-    cli_entry(lambda: main(*parse_args(ARGUMENTS, without_training_flags(sys.argv[1:], ARGUMENTS))))()
+    cli_entry(lambda: main(*parse_audit_args()))()

@@ -19,7 +19,8 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from dstrain.infer.chat_session import answer_one, answer_questions, interactive_chat, read_questions, write_answers
-from dstrain.errors import UserError, cli_entry
+from dstrain.cli import cli_entry
+from dstrain.errors import UserError
 from dstrain.data.chat_template import has_chat_template
 from dstrain.infer.generation import add_sampling_flags, load_inference_model, sampling_from_args
 

@@ -16,7 +16,8 @@ import argparse
 from pathlib import Path
 
 from dstrain.train.elastic import convert_to_universal, saved_topology
-from dstrain.errors import UserError, cli_entry
+from dstrain.cli import cli_entry
+from dstrain.errors import UserError
 
 
 def main() -> None:

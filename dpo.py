@@ -15,32 +15,39 @@ The output is a plain HF causal LM (or a PEFT adapter) that stops at the end of 
 
 from transformers import set_seed
 
-from dstrain.arguments import (DPOTrainingArguments, ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
-                             parse_args)
+from dstrain.arguments import DPOTrainingArguments, ModelArguments, PreferenceDataArguments, PreferenceLoraArguments
 from dstrain.audit import audit_before_training
+from dstrain.cli import cli_entry, parse_args
+from dstrain.data.chat_template import configure_chat_generation, require_chat_template
+from dstrain.data.pairs import preference_datasets
 from dstrain.distributed import finish
-from dstrain.errors import UserError, cli_entry
+from dstrain.errors import UserError
 from dstrain.model.adapters import quantization_config
 from dstrain.model.loading import build_model, load_tokenizer, model_config_for
 from dstrain.train.preference import dpo_trainer
-from dstrain.data.pairs import preference_datasets
-from dstrain.data.chat_template import configure_chat_generation, require_chat_template
-from dstrain.train.steps import evaluate_and_record, resume_checkpoint, train_and_save
+from dstrain.train.resume import apply_resume_plan, plan_resume
+from dstrain.train.run import start_run
+from dstrain.train.steps import evaluate_and_record, train_and_save
+
+ARGUMENTS = (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments, DPOTrainingArguments)
 
 
 def main(model_args, data_args, lora_args, training_args) -> None:
-    # ===== 1. tokenizer with its chat template, and the model's config =====
+    # ===== 0. this process joins the run; where it continues from =====
+    run = start_run(training_args, model_args, data_args, lora_args)
     set_seed(training_args.seed)
     if not model_args.model_name_or_path:
         raise UserError("DPO starts from a trained (usually SFT) model: give --model_name_or_path")
-    resume_from = resume_checkpoint(training_args)
+    resume = plan_resume(training_args)
+    apply_resume_plan(training_args, resume)
+
+    # ===== 1. tokenizer with its chat template, and the model's config =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     require_chat_template(tokenizer, model_args.tokenizer_name)
     config = model_config_for(model_args, tokenizer)
 
     # ===== 2. pairs: checked, rendered identically on both sides, fitted to --max_length =====
-    data = preference_datasets(data_args, tokenizer, training_args.max_length, training_args.seed,
-                               training_args.main_process_first)
+    data = preference_datasets(data_args, tokenizer, training_args.seed, training_args.main_process_first)
 
     # ===== 3. the policy and its frozen reference copy (none with LoRA or precomputed); the data audit =====
     quantization = quantization_config(lora_args.quantization_bit)
@@ -52,12 +59,11 @@ def main(model_args, data_args, lora_args, training_args) -> None:
 
     # ===== 4. train, save (model + tokenizer + stop tokens), evaluate: reward accuracy and margins =====
     trainer = dpo_trainer(model, reference, tokenizer, data, training_args, lora_args)
-    train_and_save(trainer, tokenizer, resume_from)
+    train_and_save(run, trainer, tokenizer, resume)
     if "validation" in data:
         evaluate_and_record(trainer)
     finish()
 
 
 if __name__ == "__main__":
-    cli_entry(lambda: main(*parse_args((ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
-                                        DPOTrainingArguments))))()
+    cli_entry(lambda: main(*parse_args(ARGUMENTS)))()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-from dstrain.errors import cli_entry
+from dstrain.cli import cli_entry
 from dstrain.model.adapters import load_adapter_model
 from dstrain.model.loading import load_tokenizer
 

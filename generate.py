@@ -11,7 +11,8 @@ import argparse
 
 from transformers.utils import logging as transformers_logging
 
-from dstrain.errors import UserError, cli_entry
+from dstrain.cli import cli_entry
+from dstrain.errors import UserError
 from dstrain.infer.generation import (add_sampling_flags, chat_prompt_ids, generate_one, load_inference_model,
                               sampling_from_args, text_prompt_ids)
 

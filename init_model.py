@@ -14,8 +14,9 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from dstrain.arguments import ModelArguments, parse_args
-from dstrain.errors import UserError, cli_entry
+from dstrain.arguments import ModelArguments
+from dstrain.cli import cli_entry, parse_args
+from dstrain.errors import UserError
 from dstrain.model.loading import build_model, load_tokenizer, model_config_for
 
 

@@ -15,25 +15,34 @@ is a standard PEFT adapter (adapter_config.json, adapter_model.safetensors) with
 
 from transformers import default_data_collator, set_seed
 
-from dstrain.arguments import AdapterDataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.arguments import AdapterDataArguments, LoraArguments, ModelArguments, TrainingArguments
 from dstrain.audit import audit_before_training
-from dstrain.distributed import finish
-from dstrain.errors import UserError, cli_entry
+from dstrain.cli import cli_entry, parse_args
 from dstrain.data.blocks import pretraining_datasets
-from dstrain.model.adapters import apply_lora, quantization_config
-from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
 from dstrain.data.chat_template import configure_chat_generation, require_chat_template
 from dstrain.data.sft import sft_collator, sft_datasets
-from dstrain.train.steps import resume_checkpoint, train_save_evaluate
+from dstrain.distributed import finish
+from dstrain.errors import UserError
+from dstrain.model.adapters import apply_lora, quantization_config
+from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
+from dstrain.train.resume import apply_resume_plan, plan_resume
+from dstrain.train.run import start_run
+from dstrain.train.steps import train_save_evaluate
+
+ARGUMENTS = (ModelArguments, AdapterDataArguments, LoraArguments, TrainingArguments)
 
 
 def main(model_args, data_args, lora_args, training_args) -> None:
-    # ===== 1. tokenizer and the base model's config =====
+    # ===== 0. this process joins the run; where it continues from =====
+    run = start_run(training_args, model_args, data_args, lora_args)
     set_seed(training_args.seed)
     if not model_args.model_name_or_path:
         raise UserError("LoRA adapts a trained model: give --model_name_or_path")
     quantization = quantization_config(lora_args.quantization_bit)
-    resume_from = resume_checkpoint(training_args)
+    resume = plan_resume(training_args)
+    apply_resume_plan(training_args, resume)
+
+    # ===== 1. tokenizer and the base model's config =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     config = model_config_for(model_args, tokenizer)
 
@@ -56,9 +65,9 @@ def main(model_args, data_args, lora_args, training_args) -> None:
                 if data_args.stage == "sft" else default_data_collator)
 
     # ===== 4. train, save the adapter (+ tokenizer, generation config), evaluate =====
-    train_save_evaluate(model, tokenizer, data, collator, training_args, resume_from)
+    train_save_evaluate(run, model, tokenizer, data, collator, resume)
     finish()
 
 
 if __name__ == "__main__":
-    cli_entry(lambda: main(*parse_args((ModelArguments, AdapterDataArguments, LoraArguments, TrainingArguments))))()
+    cli_entry(lambda: main(*parse_args(ARGUMENTS)))()

@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dstrain.errors import UserError, cli_entry  # noqa: E402
+from dstrain.cli import cli_entry  # noqa: E402
+from dstrain.errors import UserError  # noqa: E402
 
 PANELS = [  # (title, [(log key, label)]) - the keys dstrain/train/monitoring.py and HF's Trainer log
     ("loss", [("loss", "train"), ("eval_loss", "eval")]),

@@ -17,19 +17,27 @@ Resume after a crash: add --resume_from_checkpoint last.
 
 from transformers import default_data_collator, set_seed
 
-from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments
 from dstrain.audit import audit_before_training
-from dstrain.distributed import finish
-from dstrain.errors import cli_entry
+from dstrain.cli import cli_entry, parse_args
 from dstrain.data.blocks import pretraining_datasets
+from dstrain.distributed import finish
 from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
-from dstrain.train.steps import resume_checkpoint, train_save_evaluate
+from dstrain.train.resume import apply_resume_plan, plan_resume
+from dstrain.train.run import start_run
+from dstrain.train.steps import train_save_evaluate
+
+ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
-    # ===== 1. tokenizer, and the model config it implies =====
+    # ===== 0. this process joins the run; where it continues from =====
+    run = start_run(training_args, model_args, data_args)
     set_seed(training_args.seed)
-    resume_from = resume_checkpoint(training_args)
+    resume = plan_resume(training_args)
+    apply_resume_plan(training_args, resume)
+
+    # ===== 1. tokenizer, and the model config it implies =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     config = model_config_for(model_args, tokenizer)
     block_size = choose_block_size(data_args.block_size, config,
@@ -44,9 +52,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     audit_before_training("pretrain", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save a plain HF folder, evaluate =====
-    train_save_evaluate(model, tokenizer, data, default_data_collator, training_args, resume_from)
+    train_save_evaluate(run, model, tokenizer, data, default_data_collator, resume)
     finish()
 
 
 if __name__ == "__main__":
-    cli_entry(lambda: main(*parse_args((ModelArguments, DataArguments, TrainingArguments))))()
+    cli_entry(lambda: main(*parse_args(ARGUMENTS)))()

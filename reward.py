@@ -21,32 +21,39 @@ import sys
 
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from dstrain.arguments import (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
-                             RewardTrainingArguments, parse_args)
+from dstrain.arguments import ModelArguments, PreferenceDataArguments, PreferenceLoraArguments, RewardTrainingArguments
 from dstrain.audit import audit_before_training
+from dstrain.cli import cli_entry, parse_args
+from dstrain.data.chat_template import require_chat_template
+from dstrain.data.pairs import preference_datasets
 from dstrain.distributed import finish
-from dstrain.errors import UserError, cli_entry
+from dstrain.errors import UserError
 from dstrain.model.adapters import quantization_config
 from dstrain.model.loading import build_model, load_tokenizer, model_config_for
 from dstrain.train.preference import reward_config, reward_trainer, score_file
-from dstrain.data.pairs import preference_datasets
-from dstrain.data.chat_template import require_chat_template
-from dstrain.train.steps import evaluate_and_record, resume_checkpoint, train_and_save
+from dstrain.train.resume import apply_resume_plan, plan_resume
+from dstrain.train.run import start_run
+from dstrain.train.steps import evaluate_and_record, train_and_save
+
+ARGUMENTS = (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments, RewardTrainingArguments)
 
 
 def main(model_args, data_args, lora_args, training_args) -> None:
-    # ===== 1. tokenizer with its chat template; the model's config with a one-score head =====
+    # ===== 0. this process joins the run; where it continues from =====
+    run = start_run(training_args, model_args, data_args, lora_args)
     set_seed(training_args.seed)
     if not model_args.model_name_or_path:
         raise UserError("a reward model starts from a trained model: give --model_name_or_path")
-    resume_from = resume_checkpoint(training_args)
+    resume = plan_resume(training_args)
+    apply_resume_plan(training_args, resume)
+
+    # ===== 1. tokenizer with its chat template; the model's config with a one-score head =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     require_chat_template(tokenizer, model_args.tokenizer_name)
     config = reward_config(model_config_for(model_args, tokenizer))
 
     # ===== 2. pairs: checked, rendered identically on both sides, fitted to --max_length =====
-    data = preference_datasets(data_args, tokenizer, training_args.max_length, training_args.seed,
-                               training_args.main_process_first)
+    data = preference_datasets(data_args, tokenizer, training_args.seed, training_args.main_process_first)
 
     # ===== 3. the body with a new score head (LoRA adapters added by the trainer); the data audit =====
     model = build_model(model_args, config, quantization_config(lora_args.quantization_bit),
@@ -55,7 +62,7 @@ def main(model_args, data_args, lora_args, training_args) -> None:
 
     # ===== 4. train, save (model + tokenizer), evaluate: pairwise accuracy and margin =====
     trainer = reward_trainer(model, tokenizer, data, training_args, lora_args)
-    train_and_save(trainer, tokenizer, resume_from)
+    train_and_save(run, trainer, tokenizer, resume)
     if "validation" in data:
         evaluate_and_record(trainer)
     finish()
@@ -77,5 +84,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["score"]:
         score(sys.argv[2:])
     else:
-        cli_entry(lambda: main(*parse_args((ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
-                                            RewardTrainingArguments))))()
+        cli_entry(lambda: main(*parse_args(ARGUMENTS)))()

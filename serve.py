@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from dstrain.errors import UserError, cli_entry
+from dstrain.cli import cli_entry
+from dstrain.errors import UserError
 from dstrain.infer.generation import BASE_ADAPTER, load_inference_model
 from dstrain.model.adapters import adapter_base, is_adapter_folder
 

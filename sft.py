@@ -19,19 +19,27 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from dstrain.arguments import ChatDataArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.arguments import ChatDataArguments, ModelArguments, TrainingArguments
 from dstrain.audit import audit_before_training
-from dstrain.distributed import finish
-from dstrain.errors import UserError, cli_entry
-from dstrain.model.loading import build_model, context_length, load_tokenizer, model_config_for
+from dstrain.cli import cli_entry, parse_args
 from dstrain.data.chat_template import configure_chat_generation, require_chat_template
 from dstrain.data.sft import sft_collator, sft_datasets, write_preview
-from dstrain.train.steps import resume_checkpoint, train_save_evaluate
+from dstrain.distributed import finish
+from dstrain.errors import UserError
+from dstrain.model.loading import build_model, context_length, load_tokenizer, model_config_for
+from dstrain.train.resume import apply_resume_plan, plan_resume
+from dstrain.train.run import start_run
+from dstrain.train.steps import train_save_evaluate
+
+ARGUMENTS = (ModelArguments, ChatDataArguments, TrainingArguments)
 
 
 def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args: TrainingArguments) -> None:
-    # ===== 1. tokenizer with its chat template, and the model config =====
+    # ===== 0. this process joins the run =====
+    run = start_run(training_args, model_args, data_args)
     set_seed(training_args.seed)
+
+    # ===== 1. tokenizer with its chat template, and the model config =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     require_chat_template(tokenizer, model_args.tokenizer_name)
     config = model_config_for(model_args, tokenizer)
@@ -46,17 +54,18 @@ def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args
         finish()
         return
 
-    # ===== 3. model, stopping at the end of an assistant turn when it generates; the data audit =====
-    resume_from = resume_checkpoint(training_args)
+    # ===== 3. where it continues from; the model, stopping at the end of an assistant turn; the data audit =====
+    resume = plan_resume(training_args)
+    apply_resume_plan(training_args, resume)
     model = build_model(model_args, config)
     configure_chat_generation(model, tokenizer)
     audit_before_training("sft", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save a plain HF folder (with the chat template), evaluate =====
     collator = sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
-    train_save_evaluate(model, tokenizer, data, collator, training_args, resume_from)
+    train_save_evaluate(run, model, tokenizer, data, collator, resume)
     finish()
 
 
 if __name__ == "__main__":
-    cli_entry(lambda: main(*parse_args((ModelArguments, ChatDataArguments, TrainingArguments))))()
+    cli_entry(lambda: main(*parse_args(ARGUMENTS)))()

@@ -1,24 +1,22 @@
-"""Argument dataclasses shared by the entry scripts, and the one parser they all use.
-
-Every script accepts one JSON file with all its arguments, flags, or both; flags win:
-    deepspeed pretrain.py configs/pretrain_tiny.json --learning_rate 1e-3
+"""The argument dataclasses of every entry script: the flags, their defaults and help, and the
+checks on their values. Building them checks values and nothing else, with one exception that HF's
+TrainingArguments forces (see `TrainingArguments.__post_init__`); starting the run is a step of its
+own at the top of each training script (dstrain/train/run.py). Parsed by dstrain/cli.py.
 """
 
 import json
 import os
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from importlib.util import find_spec
 
 import torch
 import transformers
 import trl
-from transformers import HfArgumentParser
 
 from dstrain.data.chat_format import FORMATS
-from dstrain.distributed import (check_no_stale_build_locks, dump_stacks_on_sigusr1, prepare_cpu_ranks,
-                               release_shared_memory_names)
+from dstrain.distributed import join_cpu_ranks
 from dstrain.errors import UserError
-from dstrain.train.monitoring import configure_reporting
+from dstrain.train.monitoring import load_prompts
 
 
 @dataclass
@@ -125,8 +123,10 @@ class ChatDataArguments(CorpusArguments):
         default=None, metadata={"help": "System message for conversations that have none."}
     )
     max_length: int = field(
-        default=2048, metadata={"help": "Longest conversation in tokens; longer ones are cut after the last "
-                                        "assistant reply that fits (or dropped if the first does not)."}
+        default=2048, metadata={"help": "Longest sample in tokens (a conversation; for preference pairs, the prompt and "
+                                        "the longer reply). Longer conversations are cut after the last assistant reply "
+                                        "that fits (dropped if the first does not); longer pairs lose their oldest "
+                                        "turns (dropped if the last question and reply do not fit)."}
     )
     packing: bool = field(
         default=False, metadata={"help": "Pack several conversations per row of max_length tokens, attention "
@@ -142,8 +142,7 @@ class ChatDataArguments(CorpusArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.max_length < 8:
-            raise UserError("--max_length must be at least 8")
+        check_max_length(self.max_length)
 
 
 @dataclass
@@ -191,7 +190,37 @@ class PreferenceLoraArguments(LoraArguments):
 @dataclass
 class PreferenceDataArguments(CorpusArguments):
     """Preference pairs: {"prompt", "chosen", "rejected"} as strings or chat messages (dstrain/data/pairs.py).
-    Their length limit is --max_length, with the training arguments."""
+    --max_length means what it means for chats (the help above), with TRL's default of 1024."""
+
+    max_length: int = field(default=1024, metadata={"help": ChatDataArguments.__dataclass_fields__["max_length"]
+                                                    .metadata["help"]})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_max_length(self.max_length)
+
+
+def check_max_length(max_length) -> None:
+    if max_length is None or max_length < 8:
+        raise UserError(f"--max_length must be at least 8, got {max_length}")
+
+
+@dataclass
+class AuditDataArguments(ChatOrTextDataArguments):
+    """audit.py: the data flags of the training stage it checks for, with that stage's own defaults."""
+
+    stage: str = field(default="sft", metadata={"help": "Which training the data is for: sft (sft.py, lora.py), "
+                                                        "pretrain (pretrain.py, lora.py --stage pretrain) or "
+                                                        "preference (reward.py, dpo.py).",
+                                                "choices": ["sft", "pretrain", "preference"]})
+    max_length: int | None = field(default=None, metadata={"help": "As in the training script (default: that "
+                                                                   "stage's, 2048 for sft, 1024 for preference)."})
+
+    def __post_init__(self):
+        if self.max_length is None:
+            stage_arguments = PreferenceDataArguments if self.stage == "preference" else ChatDataArguments
+            self.max_length = next(f.default for f in fields(stage_arguments) if f.name == "max_length")
+        super().__post_init__()
 
 
 @dataclass
@@ -239,9 +268,6 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
-        dump_stacks_on_sigusr1()
-        if self.deepspeed:
-            check_no_stale_build_locks()  # before DeepSpeed's first op build (its CPU comm op, at set-up)
         # transformers 5 dropped --warmup_ratio but reads a float warmup_steps < 1 as a ratio.
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
@@ -255,29 +281,43 @@ class TrainingArguments(transformers.TrainingArguments):
                 # HF's own message here suggests --use_cpu, which silently drops DeepSpeed.
                 raise UserError("--bf16/--fp16 need a GPU; on CPU leave them out (CPU runs train in fp32)")
             self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
-        if prepare_cpu_ranks():
+        self._check_monitoring_flags()
+        # The one side effect of building the arguments, and why it cannot wait for start_run: HF's
+        # TrainingArguments sets up its devices while it is built (super().__post_init__), and on CPU
+        # ranks that only works when accelerate's state already holds a gloo process group, which the
+        # arguments must then be told to keep (use_configured_state; see join_cpu_ranks).
+        if join_cpu_ranks():
             config = self.accelerator_config or {}
             if isinstance(config, str):
                 config = json.loads(config) if config.startswith("{") else json.load(open(config))
             self.accelerator_config = {**config, "use_configured_state": True}
-        # WandB writes its run files (offline runs included) beside the run, not into the cwd.
-        if "wandb" in (self.report_to if isinstance(self.report_to, list) else [self.report_to or ""]):
-            os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(self.output_dir or ".")))
-        configure_reporting(self)  # WandB project/group/tags, SwanLab present, sample prompts
         try:
             super().__post_init__()
         except ValueError as error:
             raise UserError(f"invalid training arguments: {str(error).splitlines()[0]}") from None
-        release_shared_memory_names()  # DeepSpeed's CPU comm buffers exist from here on; before any check can stop us
-        check_deepspeed_config_agrees(self)
 
+    def _check_monitoring_flags(self) -> None:
+        if "swanlab" in self.reporting_targets() and find_spec("swanlab") is None:
+            raise UserError("--report_to swanlab needs the swanlab package: pip install swanlab")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise UserError(f"--peak_tflops must be positive, got {self.peak_tflops}")
+        if self.sample_every < 0 or self.sample_max_new_tokens < 1:
+            raise UserError("--sample_every must be 0 (off) or more, and --sample_max_new_tokens at least 1")
+        if self.sample_every:  # a prompts file is read here, so a bad one stops the run before any work
+            self.sample_prompts = load_prompts(self.sample_prompts)
+
+    def reporting_targets(self) -> list[str]:
+        """--report_to as a list, whichever way it was given."""
+        if not self.report_to:
+            return []
+        return [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
 
 
 @dataclass
 class _PreferenceTrainingDefaults:
     """TRL's defaults are kept (its learning rates, logging every 10 steps) except where a flag would
     then mean something else than in the other stages: bf16 and activation checkpointing only when
-    asked (TRL turns both on, and CPU refuses bf16)."""
+    asked (TRL turns both on, and CPU refuses bf16), and the length limit, which is the data's."""
 
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (GPU only)."})
     gradient_checkpointing: bool | None = field(
@@ -286,91 +326,16 @@ class _PreferenceTrainingDefaults:
     )
     # --trust_remote_code is ModelArguments'; the scripts build every model themselves, so TRL never reads it.
     trust_remote_code: bool = field(default=False, init=False)
-    max_length: int | None = field(
-        default=1024, metadata={"help": "Longest prompt + reply in tokens. Longer pairs lose their oldest turns until "
-                                        "they fit; a pair whose last user turn and reply do not fit is dropped."}
-    )
+    # --max_length is PreferenceDataArguments': the pairs are fitted to it (oldest turns dropped) when they
+    # are built, so TRL must not cut them again (its collators cut at max_length when it is set).
+    max_length: int | None = field(default=None, init=False)
 
 
 @dataclass
 class RewardTrainingArguments(_PreferenceTrainingDefaults, trl.RewardConfig, TrainingArguments):
     """reward.py: the training arguments above plus TRL's reward ones (e.g. --center_rewards_coefficient)."""
 
-    def __post_init__(self):
-        check_pair_length(self.max_length)
-        super().__post_init__()
-
 
 @dataclass
 class DPOTrainingArguments(_PreferenceTrainingDefaults, trl.DPOConfig, TrainingArguments):
     """dpo.py: the training arguments above plus TRL's DPO ones (--beta, --loss_type, --precompute_ref_log_probs)."""
-
-    def __post_init__(self):
-        check_pair_length(self.max_length)
-        super().__post_init__()
-
-
-def check_pair_length(max_length) -> None:
-    if max_length is None or max_length < 8:
-        raise UserError(f"--max_length must be at least 8, got {max_length}")
-
-
-def check_deepspeed_config_agrees(args: TrainingArguments) -> None:
-    """Stop at start-up, not after the model is built, when the DeepSpeed JSON contradicts the flags.
-
-    HF's own comparison (`trainer_config_process`) has already run; it only raises later.
-    """
-    config = getattr(args, "hf_deepspeed_config", None)
-    if config is None or not config.mismatches:
-        return
-    source = args.deepspeed if isinstance(args.deepspeed, str) else "the DeepSpeed config"
-    clashes = "; ".join(line.lstrip("- ") for line in config.mismatches)
-    raise UserError(f"{source} contradicts the flags: {clashes}. Set those values to \"auto\" or make them agree")
-
-
-def json_to_argv(path: str) -> list[str]:
-    """Turn a JSON run config into flags, so flags given after it override it."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: expected a JSON object of arguments")
-    argv = []
-    for key, value in values.items():
-        if key.startswith("_"):  # "_comment": config files explain their arithmetic
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv.extend(str(item) for item in value)
-        elif isinstance(value, dict):
-            argv.append(json.dumps(value))
-        elif isinstance(value, bool):
-            argv.append(str(value).lower())
-        else:
-            argv.append(str(value))
-    return argv
-
-
-def parse_args(dataclass_types, argv: list[str] | None = None):
-    """Parse a JSON config (if the first argument is one) followed by overriding flags."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # The deepspeed launcher puts --local_rank=N before the user's arguments.
-    launcher_flags = [arg for arg in argv[:1] if arg.startswith("--local_rank=")]
-    argv = argv[len(launcher_flags):]
-    if argv and argv[0].endswith(".json"):
-        argv = json_to_argv(argv[0]) + argv[1:]
-    argv = launcher_flags + argv
-    # No abbreviations: a mistyped flag such as --learning_rat must fail, not match a longer one.
-    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
-    try:
-        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except ValueError as error:  # HF reports unknown flags this way
-        raise UserError(str(error).splitlines()[0]) from None
-    for arguments in parsed:  # the monitor logs every dataclass of the run as its config (dstrain/train/monitoring.py)
-        if isinstance(arguments, TrainingArguments):
-            arguments.run_arguments = [other for other in parsed if other is not arguments]
-    return parsed

@@ -1,11 +1,14 @@
-"""Rank awareness and the CPU-rank set-up, kept in one place.
+"""Ranks: who is rank 0 (the only one that prints, `print0`), the CPU-rank set-up, the
+collectives every rank must reach together, and the process-wide fixes a distributed run needs
+(DeepSpeed's /dev/shm buffers, its op-build locks, stacks on SIGUSR1, per-rank logs).
 
-Ranks other than 0 print nothing but errors; `print0` is how scripts talk to the user.
+Ranks other than 0 print nothing but errors.
 """
 
 import faulthandler
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
+from torch.utils import cpp_extension
 
 from dstrain.errors import UserError
 
@@ -37,7 +42,7 @@ def launched_on_cpu_ranks() -> bool:
     return "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
 
 
-def prepare_cpu_ranks() -> bool:
+def join_cpu_ranks() -> bool:
     """Make HF Trainer + DeepSpeed work on CPU ranks; a no-op where a GPU exists.
 
     Out of the box accelerate's PartialState gets backend None on CPU ranks, reports
@@ -49,11 +54,30 @@ def prepare_cpu_ranks() -> bool:
     """
     if not launched_on_cpu_ranks():
         return False
-    from accelerate import PartialState
-
+    # DeepSpeed builds its CPU all-reduce op right here, while the process group forms: a lock
+    # left by an interrupted build must stop the run before it, not make it wait forever.
+    check_no_stale_build_locks()
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
     return True
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank. Every rank must call it: a decision that stops the run must
+    be taken by all ranks together, or the others wait in their next collective until it times out."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    verdict = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    return bool(verdict.item())
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a master port or a test server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def release_shared_memory_names() -> None:
@@ -88,10 +112,8 @@ def check_no_stale_build_locks() -> None:
     takes is such a leftover: say so, instead of hanging.
     """
     try:  # the folder torch itself builds in (TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<python>_<device>)
-        from torch.utils.cpp_extension import _get_build_directory
-
-        root = Path(_get_build_directory("", verbose=False))
-    except (ImportError, TypeError):  # a private helper: if torch renames it, skip the check rather than fail
+        root = Path(cpp_extension._get_build_directory("", verbose=False))
+    except (AttributeError, TypeError):  # a private helper: if torch renames it, skip the check rather than fail
         return
     now = time.time()
     for lock in sorted(root.glob("*/lock")):

@@ -4,10 +4,14 @@ seconds on the login node, not after the queue and the model load.
     python launch/preflight.py --entry pretrain.py --world_size 16 [--hostfile hosts]
         [--master_port 29500 --check_port] -- <the entry script's arguments>
 
-Prints the run's output_dir (the launchers keep per-rank logs under it) or one `error:` line.
+Prints the run's output_dir (the launchers keep per-rank logs under it) or one `error:` line. The
+entry script's arguments are read with that script's own parser (its ARGUMENTS, through
+dstrain/cli.py), its defaults included, without building them: TrainingArguments would set up
+devices, and a login node may have none.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -15,24 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dstrain.arguments import json_to_argv
+from dstrain.cli import cli_entry, parse_namespace, script_arguments
 from dstrain.distributed import check_no_stale_build_locks
-from dstrain.errors import UserError, cli_entry
-
-HF_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
-
-
-def flag_values(script_args: list[str]) -> dict[str, str]:
-    """The last value given to each --flag, after expanding a leading JSON run config."""
-    if script_args and script_args[0].endswith(".json"):
-        script_args = json_to_argv(script_args[0]) + script_args[1:]
-    values = {}
-    for i, arg in enumerate(script_args):
-        if arg.startswith("--"):
-            name, sep, inline = arg[2:].partition("=")
-            following = script_args[i + 1] if i + 1 < len(script_args) else ""
-            values[name] = inline if sep else ("true" if following.startswith("--") or not following else following)
-    return values
+from dstrain.errors import UserError
 
 
 def hostfile_slots(path: str) -> dict[str, int]:
@@ -55,15 +44,12 @@ def hostfile_slots(path: str) -> dict[str, int]:
     return hosts
 
 
-def check_batch_sizes(config_path: str, flags: dict, world_size: int) -> None:
-    try:
-        config = json.loads(Path(config_path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"--deepspeed: config not found: {config_path}") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"{config_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    micro = int(flags.get("per_device_train_batch_size", HF_DEFAULTS["per_device_train_batch_size"]))
-    accumulation = int(flags.get("gradient_accumulation_steps", HF_DEFAULTS["gradient_accumulation_steps"]))
+def check_batch_sizes(config_path: str | dict, arguments, world_size: int) -> None:
+    if isinstance(config_path, dict):  # written inline in a JSON run config
+        config_path, config = "the DeepSpeed config", config_path
+    else:
+        config = read_deepspeed_config(config_path)
+    micro, accumulation = arguments.per_device_train_batch_size, arguments.gradient_accumulation_steps
     expected = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
                 "train_batch_size": micro * accumulation * world_size}
     for key, value in expected.items():
@@ -72,6 +58,15 @@ def check_batch_sizes(config_path: str, flags: dict, world_size: int) -> None:
             raise UserError(f"{config_path}: {key} is {written} but the flags and world size {world_size} give "
                             f"{value} (micro batch {micro} * accumulation {accumulation} * {world_size} ranks); "
                             "set it to \"auto\"")
+
+
+def read_deepspeed_config(config_path: str) -> dict:
+    try:
+        return json.loads(Path(config_path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--deepspeed: config not found: {config_path}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{config_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
 
 
 def check_writable(output_dir: str) -> None:
@@ -111,11 +106,15 @@ def main(argv=None) -> None:
         world_size = world_size or sum(slots.values())
     if not world_size:
         raise UserError("no world size: give --world_size or a hostfile")
-    flags = flag_values(script_args)
-    if "deepspeed" not in flags:
+    with contextlib.redirect_stdout(sys.stderr):  # what importing the script prints (DeepSpeed's notices)
+        dataclass_types = script_arguments(args.entry)  # must not mix with the one line the launchers read
+    if not dataclass_types:
+        raise UserError(f"{args.entry}: not a training script of this project (it declares no ARGUMENTS)")
+    arguments = parse_namespace(dataclass_types, script_args)
+    if not arguments.deepspeed:
         raise UserError(f"{args.entry}: no --deepspeed config among the arguments (e.g. ds_configs/zero2.json)")
-    check_batch_sizes(flags["deepspeed"], flags, world_size)
-    output_dir = flags.get("output_dir")
+    check_batch_sizes(arguments.deepspeed, arguments, world_size)
+    output_dir = arguments.output_dir
     if not output_dir:
         raise UserError(f"{args.entry}: no --output_dir among the arguments")
     check_writable(output_dir)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments
+from dstrain.cli import parse_args
 from dstrain.errors import UserError
+from dstrain.train.run import start_run
 
 DATACLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
@@ -65,19 +67,19 @@ def test_gradient_checkpointing_sets_activation_checkpointing(run_config):
 
 
 def test_deepspeed_config_contradicting_flags_is_refused(tmp_path, run_config):
-    """A DeepSpeed JSON whose micro batch (4) contradicts --per_device_train_batch_size (8) stops
-    parsing with a UserError naming the file and both values; "auto" values agree with anything."""
+    """A DeepSpeed JSON whose micro batch (4) contradicts --per_device_train_batch_size (8) stops the
+    run at its start with a UserError naming the file and both values; "auto" values agree with anything."""
     clash = write_json(tmp_path / "ds_clash.json",
                        {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}})
     with pytest.raises(UserError) as caught:
-        parse(run_config, "--per_device_train_batch_size", "8", "--deepspeed", clash)
+        start_run(parse(run_config, "--per_device_train_batch_size", "8", "--deepspeed", clash)[2])
     message = str(caught.value)
     assert clash in message
     assert "train_micro_batch_size_per_gpu=4" in message and "per_device_train_batch_size=8" in message
 
     auto = write_json(tmp_path / "ds_auto.json",
                       {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}})
-    assert parse(run_config, "--per_device_train_batch_size", "8", "--deepspeed", auto)[2].deepspeed == auto
+    assert start_run(parse(run_config, "--per_device_train_batch_size", "8", "--deepspeed", auto)[2]).args.deepspeed == auto
 
 
 @pytest.mark.parametrize("content, fragment", [

@@ -304,8 +304,8 @@ PAIRS = [{"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A rock.
 def pair_data(tmp_path, tokenizer, records=PAIRS, max_length=64):
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     args = PreferenceDataArguments(train_files=[str(path)], data_cache_dir=str(tmp_path / "cache"),
-                                   validation_split_percentage=0)
-    return path, preference_datasets(args, tokenizer, max_length, seed=1, main_process_first=only_once)
+                                   validation_split_percentage=0, max_length=max_length)
+    return path, preference_datasets(args, tokenizer, seed=1, main_process_first=only_once)
 
 
 def audit_pairs(data, tokenizer, base_model, max_length=64):

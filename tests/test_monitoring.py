@@ -11,8 +11,9 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, LlamaConfig, Ll
 
 from tests import wandb_offline
 from tests.helpers import REPO, assert_clean_error, assert_succeeded, logged_losses, run_deepspeed, run_main_in_process, train_flags
-from test_pretrain import assert_deepspeed_checkpoint, assert_loads_and_generates
-from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from tests.test_pretrain import assert_deepspeed_checkpoint, assert_loads_and_generates
+from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments
+from dstrain.cli import parse_args
 from dstrain.errors import UserError
 from dstrain.train.monitoring import (add_monitoring, load_prompts, matmul_parameter_counts, peak_tflops_for,
                               training_flops_per_token)

@@ -119,7 +119,8 @@ def test_datasets_count_kept_shortened_and_dropped(tmp_path, tok, capsys):
         {"prompt": long_prompt, "chosen": "Yes.", "rejected": "No."},
         {"prompt": "word " * 60, "chosen": "Yes.", "rejected": "No."},
     ])
-    data = preference_datasets(data_args(path, tmp_path, validation_split_percentage=0), tok, 32, 0, lambda desc: nullcontext())
+    data = preference_datasets(data_args(path, tmp_path, validation_split_percentage=0, max_length=32), tok, 0,
+                               lambda desc: nullcontext())
     assert "Pairs: 2 kept, 1 shortened by dropping their oldest turns and 1 dropped" in capsys.readouterr().out
     train = data["train"]
     assert len(train) == 2 and set(train.column_names) >= {"prompt_ids", "chosen_ids", "rejected_ids", "margin"}

@@ -4,21 +4,13 @@ import json
 
 import pytest
 
+from dstrain.cli import parse_args, script_arguments
 from tests.helpers import REPO
-from dstrain.arguments import (AdapterDataArguments, ChatDataArguments, DataArguments, DPOTrainingArguments,
-                             LoraArguments, ModelArguments, PreferenceDataArguments, PreferenceLoraArguments,
-                             RewardTrainingArguments, TrainingArguments, parse_args)
 
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.json"))
-ADAPTER = (ModelArguments, AdapterDataArguments, LoraArguments, TrainingArguments)
-SCRIPT_ARGUMENTS = {  # by the config's name prefix: the dataclasses of the script that reads it
-    "pretrain": (ModelArguments, DataArguments, TrainingArguments),
-    "sft": (ModelArguments, ChatDataArguments, TrainingArguments),
-    "full": (ModelArguments, ChatDataArguments, TrainingArguments),
-    "lora": ADAPTER,
-    "qlora": ADAPTER,
-    "reward": (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments, RewardTrainingArguments),
-    "dpo": (ModelArguments, PreferenceDataArguments, PreferenceLoraArguments, DPOTrainingArguments),
+SCRIPTS = {  # by the config's name prefix: the script that reads it (its ARGUMENTS are what it parses)
+    "pretrain": "pretrain.py", "sft": "sft.py", "full": "sft.py", "lora": "lora.py", "qlora": "lora.py",
+    "reward": "reward.py", "dpo": "dpo.py",
 }
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
@@ -28,7 +20,7 @@ def test_run_config_parses_and_flags_override_it(config, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs name paths relative to the repository, as users run them
     written = json.loads(config.read_text())
     # bf16 needs a GPU; the flag after the file turns it off, which is itself the override under test.
-    parsed = parse_args(SCRIPT_ARGUMENTS[config.name.split("_")[0]],
+    parsed = parse_args(script_arguments(REPO / SCRIPTS[config.name.split("_")[0]]),
                         [str(config.relative_to(REPO)), "--seed", "123", "--bf16", "false"])
     model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
     assert training_args.seed == 123 and not training_args.bf16

@@ -1,6 +1,11 @@
-"""Tokenize once: processed datasets cached under a key of their inputs.
+"""Tokenize once: the build every stage's data goes through, and its cache.
 
-The key holds each input file's path, size and modification time, the tokenizer and the
+A stage describes its data with a frozen `DataSpec` (the input files, the held-out share, its own
+settings) and says how to read one file list (`read`) and how to turn what was read into the
+splits training sees (`build`). `processed_datasets` does the rest, the same way for every stage:
+the cache key, reading with validation marks, the build, the save.
+
+The key holds each input file's path, size and modification time, the tokenizer and the spec's
 settings, so a changed file or setting builds anew and an unchanged one is loaded. The first
 process of each node builds while the others wait (`main_process_first`); the result is
 written beside its final place and renamed, so a crash, or a second node racing on a shared
@@ -17,15 +22,17 @@ import os
 import random
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
-from dstrain.data.records import expand_inputs
+from dstrain.data.records import ReadStats, expand_inputs
 from dstrain.distributed import print0
 from dstrain.errors import UserError
 
@@ -51,27 +58,71 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def corpus_datasets(data_args, kind: str, layout: str, tokenizer, settings: dict, build: Callable,
-                    main_process_first) -> ProcessedDatasets:
-    """The cached datasets of one stage over --train_files / --validation_files (see CorpusArguments).
+@dataclass(frozen=True)
+class DataSpec:
+    """What one stage's processed datasets are made from. Every field is part of the cache key except
+    those declared with compare=False (how the build runs, not what it makes). A stage subclasses it
+    with its settings, its `kind`, its cache `layout` version, `read` and `build`."""
 
-    The key holds every input file, the tokenizer, the stage (`kind`, `layout`: its cache version)
-    and `settings` (completed here with the validation share and --skip_bad_records).
-    `build(train_files, validation_files, settings, scratch_dir)` makes them when absent.
-    """
-    train_files = expand_inputs(data_args.train_files, "--train_files")
-    validation_files = (expand_inputs(data_args.validation_files, "--validation_files")
-                        if data_args.validation_files else [])
-    settings = {**settings, "skip_bad_records": data_args.skip_bad_records,
-                "validation_percentage": 0.0 if validation_files else data_args.validation_split_percentage}
-    identity = {
-        "layout": layout, "kind": kind,
-        "train": [file_identity(p) for p in train_files],
-        "validation": [file_identity(p) for p in validation_files],
-        "tokenizer": tokenizer_identity(tokenizer), **settings,
-    }
-    return cached_datasets(data_args.data_cache_dir, identity,
-                           lambda scratch: build(train_files, validation_files, settings, scratch), main_process_first)
+    kind: ClassVar[str]
+    layout: ClassVar[str]  # bump when what `build` makes changes, so caches of the old layout are not reused
+
+    train_files: tuple[Path, ...]
+    validation_files: tuple[Path, ...]
+    validation_percentage: float  # drawn from the training records when there are no validation files
+    skip_bad_records: bool
+    seed: int
+    cache_dir: str = field(compare=False)
+
+    @classmethod
+    def from_arguments(cls, data_args, seed: int, **settings) -> "DataSpec":
+        """The spec of --train_files / --validation_files (CorpusArguments) with the stage's `settings`."""
+        train = expand_inputs(data_args.train_files, "--train_files")
+        validation = expand_inputs(data_args.validation_files, "--validation_files") if data_args.validation_files else []
+        return cls(tuple(train), tuple(validation), 0.0 if validation else data_args.validation_split_percentage,
+                   data_args.skip_bad_records, seed, data_args.data_cache_dir, **settings)
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether there is a validation split."""
+        return self.validation_percentage > 0 or bool(self.validation_files)
+
+    def read(self, files: tuple[Path, ...], stats: ReadStats) -> Iterator[dict]:
+        """One dict per usable record of `files` (bad ones raise BadRecord, or are counted in `stats`)."""
+        raise NotImplementedError
+
+    def build(self, tokenizer, records, scratch: Path) -> "ProcessedDatasets":
+        """The splits training reads, from every record read (a Dataset with an `is_validation` column)."""
+        raise NotImplementedError
+
+    def cache_identity(self, tokenizer) -> dict:
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+        return {**settings, "kind": self.kind, "layout": self.layout,
+                "train_files": [file_identity(p) for p in self.train_files],
+                "validation_files": [file_identity(p) for p in self.validation_files],
+                "tokenizer": tokenizer_identity(tokenizer)}
+
+
+def processed_datasets(spec: DataSpec, tokenizer, main_process_first) -> "ProcessedDatasets":
+    """The datasets `spec` describes: loaded from the cache, or read and built there first (by the
+    first process of each node while the others wait: `main_process_first`)."""
+    def read_then_build(scratch: Path) -> ProcessedDatasets:
+        stats = {"train": ReadStats(), "validation": ReadStats()}
+        records = records_dataset(_marked_records, scratch, spec=spec, stats=stats)
+        problems = stats["train"].problems + stats["validation"].problems
+        if problems:
+            print0(f"Skipped {len(problems)} bad records (--skip_bad_records); first: {problems[0]}")
+        return spec.build(tokenizer, records, scratch)
+
+    return cached_datasets(spec.cache_dir, spec.cache_identity(tokenizer), read_then_build, main_process_first)
+
+
+def _marked_records(spec: DataSpec, stats: dict):
+    """Every record of the training and validation files, each marked `is_validation`."""
+    train = spec.read(spec.train_files, stats["train"])
+    validation = spec.read(spec.validation_files, stats["validation"]) if spec.validation_files else []
+    for record, is_validation in with_validation_marks(train, validation, spec.validation_percentage, spec.seed):
+        yield {**record, "is_validation": is_validation}
 
 
 def cached_datasets(cache_root: str, identity: dict, build: Callable[[Path], ProcessedDatasets],
@@ -131,6 +182,16 @@ def with_validation_marks(train_items, validation_items, validation_percentage: 
         yield item, draw.random() * 100 < validation_percentage
     for item in validation_items:
         yield item, True
+
+
+def split_by_marks(dataset: Dataset, with_validation: bool) -> dict:
+    """{"train": ..., "validation": ...} from a dataset whose rows carry `is_validation`."""
+    splits = {"train": dataset.filter(lambda marks: [not m for m in marks], input_columns="is_validation",
+                                      batched=True).remove_columns("is_validation")}
+    if with_validation:
+        splits["validation"] = dataset.filter(lambda marks: marks, input_columns="is_validation",
+                                              batched=True).remove_columns("is_validation")
+    return splits
 
 
 def list_lengths(dataset: Dataset, column: str = "input_ids", batch_size: int = 10_000) -> np.ndarray:

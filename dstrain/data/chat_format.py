@@ -10,7 +10,8 @@ turns alternating, starting with the user and ending with the assistant.
 
 from pathlib import Path
 
-from dstrain.data.records import BadRecord, ReadStats, iter_parsed_lines, parse_json_line, raise_if_nothing_read
+from dstrain.data.records import ReadStats, read_records
+from dstrain.errors import BadRecord
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -106,18 +107,14 @@ def conversation_from_record(record: dict, where: str, data_format: str = "auto"
 
 
 def iter_conversations(files: list[Path], data_format: str = "auto", default_system: str | None = None,
-                       skip_bad_records: bool = False, stats: ReadStats | None = None):
-    """Yield each record's checked `messages` list; bad records stop the run or are skipped and counted."""
-    stats = stats if stats is not None else ReadStats()
+                       skip_bad_records: bool = False, stats: ReadStats | None = None, with_sources: bool = False):
+    """Yield each record's checked `messages` list (with `with_sources`, as (messages, "file:line"));
+    bad records stop the run or are skipped and counted."""
+    def convert(record: dict, where: str):
+        messages = conversation_from_record(record, where, data_format, default_system)
+        return (messages, where) if with_sources else messages
 
-    def parse(raw: bytes, path: Path, line_no: int):
-        record = parse_json_line(raw, path, line_no)
-        if record is None:
-            return None
-        return conversation_from_record(record, f"{path}:{line_no}", data_format, default_system)
-
-    yield from iter_parsed_lines(files, parse, skip_bad_records, stats)
-    raise_if_nothing_read(files, stats, "conversations")
+    return read_records(files, convert, skip_bad_records, stats, "conversations")
 
 
 def _describe(value) -> str:

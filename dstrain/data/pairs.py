@@ -22,15 +22,12 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from dstrain.data.cache import DataSpec, ProcessedDatasets, processed_datasets, split_by_marks
 from dstrain.data.chat_format import check_turn_order
 from dstrain.data.chat_template import render
-from dstrain.data.records import BadRecord, ReadStats, iter_parsed_lines, parse_json_line, raise_if_nothing_read
-from dstrain.data.cache import ProcessedDatasets, corpus_datasets, records_dataset, with_validation_marks
+from dstrain.data.records import ReadStats, read_records
 from dstrain.distributed import print0
-from dstrain.errors import UserError
-from dstrain.data.blocks import split_by_marks
-
-CACHE_LAYOUT_VERSION = "2"  # 2: the build report (truncated, dropped per split)
+from dstrain.errors import BadRecord, UserError
 SIDES = ("chosen", "rejected")
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]*")
 
@@ -117,16 +114,8 @@ def pair_from_record(record: dict, where: str) -> dict:
 def iter_pairs(files: list[Path], skip_bad_records: bool = False, stats: ReadStats | None = None):
     """Yield each record's checked pair, with "source" (file:line); bad records stop the run or are
     skipped and counted."""
-    stats = stats if stats is not None else ReadStats()
-
-    def parse(raw: bytes, path: Path, line_no: int):
-        record = parse_json_line(raw, path, line_no)
-        if record is None:
-            return None
-        return {**pair_from_record(record, f"{path}:{line_no}"), "source": f"{path}:{line_no}"}
-
-    yield from iter_parsed_lines(files, parse, skip_bad_records, stats)
-    raise_if_nothing_read(files, stats, "preference pairs")
+    return read_records(files, lambda record, where: {**pair_from_record(record, where), "source": where},
+                        skip_bad_records, stats, "preference pairs")
 
 
 # ---------------------------------------------------------------- rendering and fitting
@@ -170,35 +159,30 @@ class FitReport:
     identical: int = 0
 
 
-def preference_datasets(data_args, tokenizer, max_length: int, seed: int, main_process_first) -> ProcessedDatasets:
+@dataclass(frozen=True)
+class PairSpec(DataSpec):
+    """Preference data: pairs rendered through the chat template, fitted to max_length."""
+
+    kind = "preference"
+    layout = "2"  # 2: the build report (truncated, dropped per split)
+
+    max_length: int = 1024
+
+    def read(self, files: tuple[Path, ...], stats: ReadStats):
+        return iter_pairs(list(files), self.skip_bad_records, stats)
+
+    def build(self, tokenizer, records, scratch: Path) -> ProcessedDatasets:
+        return _render_and_fit(self, tokenizer, records)
+
+
+def preference_datasets(data_args, tokenizer, seed: int, main_process_first) -> ProcessedDatasets:
     """Train (and validation) pairs as prompt_ids / chosen_ids / rejected_ids (+ margin, source)."""
-    return corpus_datasets(data_args, "preference", CACHE_LAYOUT_VERSION, tokenizer,
-                           {"max_length": max_length, "seed": seed},
-                           lambda train, validation, settings, scratch: _build(train, validation, tokenizer, settings,
-                                                                               scratch),
-                           main_process_first)
+    spec = PairSpec.from_arguments(data_args, seed, max_length=data_args.max_length)
+    return processed_datasets(spec, tokenizer, main_process_first)
 
 
-def _pairs(train_files, validation_files, skip_bad_records, validation_percentage, seed, stats):
-    read = lambda files, key: iter_pairs(files, skip_bad_records, stats[key])
-    validation = read(validation_files, "validation") if validation_files else []
-    for pair, is_validation in with_validation_marks(read(train_files, "train"), validation,
-                                                     validation_percentage, seed):
-        yield {**pair, "is_validation": is_validation}
-
-
-def _build(train_files, validation_files, tokenizer, settings, scratch: Path) -> ProcessedDatasets:
-    stats = {"train": ReadStats(), "validation": ReadStats()}
-    pairs = records_dataset(
-        _pairs, scratch, train_files=train_files, validation_files=validation_files,
-        skip_bad_records=settings["skip_bad_records"], validation_percentage=settings["validation_percentage"],
-        seed=settings["seed"], stats=stats,
-    )
-    problems = stats["train"].problems + stats["validation"].problems
-    if problems:
-        print0(f"Skipped {len(problems)} bad records (--skip_bad_records); first: {problems[0]}")
-
-    max_length = settings["max_length"]
+def _render_and_fit(spec: PairSpec, tokenizer, pairs) -> ProcessedDatasets:
+    max_length = spec.max_length
     reports = {"train": FitReport(), "validation": FitReport()}
     rows = {key: [] for key in ("prompt_ids", "chosen_ids", "rejected_ids", "margin", "source", "is_validation")}
     for record in pairs:
@@ -209,7 +193,7 @@ def _build(train_files, validation_files, tokenizer, settings, scratch: Path) ->
             continue
         pair, dropped_turns = fitted
         if pair["chosen_ids"] == pair["rejected_ids"]:  # texts differing only where the template normalises
-            if not settings["skip_bad_records"]:
+            if not spec.skip_bad_records:
                 raise BadRecord(f"{record['source']}: 'chosen' and 'rejected' become the same tokens")
             report.identical += 1
             continue
@@ -227,8 +211,7 @@ def _build(train_files, validation_files, tokenizer, settings, scratch: Path) ->
     if kept == 0:
         raise UserError(f"no pair fits in --max_length {max_length}: raise it")
 
-    splits = split_by_marks(Dataset.from_dict(rows),
-                            with_validation=settings["validation_percentage"] > 0 or bool(validation_files))
+    splits = split_by_marks(Dataset.from_dict(rows), with_validation=spec.holds_out)
     if "validation" in splits and len(splits["validation"]) == 0:
         raise UserError("the validation split holds no pair: raise --validation_split_percentage "
                         "or give --validation_files")

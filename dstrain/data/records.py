@@ -1,24 +1,24 @@
-"""Reading raw text corpora: JSONL files, plain text files, folders and globs of them.
+"""Reading input files, the one way every stage does: JSONL (a record per line) and plain text (a
+sample per line), named directly, by glob or by folder.
 
-Everything is streamed line by line, so a corpus larger than memory works, and every
-problem is reported as `file:line: what is wrong`.
+Everything is streamed line by line, so a corpus larger than memory works, and every problem is
+reported as `file:line: what is wrong` (a BadRecord, which --skip_bad_records skips and counts).
+`read_records` hands each JSON record to a stage's own converter (a conversation, a preference
+pair, a question) with the `file:line` to name in its errors; `iter_texts` reads plain text.
 """
 
 import glob
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dstrain.errors import UserError
+from dstrain.errors import BadRecord, UserError
 
 JSON_SUFFIXES = {".jsonl", ".json"}
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 CORPUS_SUFFIXES = JSON_SUFFIXES | TEXT_SUFFIXES
-
-
-class BadRecord(UserError):
-    """One unusable line or record; can be skipped when the user asks for it."""
 
 
 def expand_inputs(patterns: list[str], what: str = "--train_files") -> list[Path]:
@@ -56,8 +56,9 @@ def _decode_line(raw: bytes, path: Path, line_no: int) -> str:
         raise BadRecord(f"{path}:{line_no}: invalid UTF-8 at byte {error.start} of the line") from None
 
 
-def parse_json_line(raw: bytes, path: Path, line_no: int) -> dict | None:
-    """The JSON object on one line of a JSON Lines file, or None for a blank line."""
+def parse_json_line(raw: bytes, path: Path, line_no: int, kinds: tuple[type, ...] = (dict,)):
+    """The JSON value on one line of a JSON Lines file (an object unless `kinds` says otherwise),
+    or None for a blank line."""
     line = _decode_line(raw, path, line_no).strip()
     if not line:
         return None
@@ -65,7 +66,7 @@ def parse_json_line(raw: bytes, path: Path, line_no: int) -> dict | None:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise BadRecord(f"{path}:{line_no}: malformed JSON ({error.msg}, column {error.colno})") from None
-    if not isinstance(record, dict):
+    if not isinstance(record, kinds):
         raise BadRecord(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
     return record
 
@@ -97,7 +98,7 @@ class ReadStats:
     problems: list[str] = field(default_factory=list)
 
 
-def iter_parsed_lines(files: list[Path], parse, skip_bad_records: bool = False, stats: ReadStats | None = None):
+def read_lines(files: list[Path], parse, skip_bad_records: bool = False, stats: ReadStats | None = None):
     """Yield `parse(raw_line, path, line_no)` for every line of every file, None results left out.
 
     `parse` raises BadRecord for a bad line: that stops the run with its file and line, unless
@@ -130,21 +131,39 @@ def raise_if_nothing_read(files: list[Path], stats: ReadStats, what: str = "text
     raise UserError(f"no {what} found in {names}: the corpus is empty")
 
 
-def iter_texts(files: list[Path], text_field: str = "text", skip_bad_records: bool = False,
-               stats: ReadStats | None = None):
-    """Yield every non-empty sample: a JSONL record's text field, or a line of a text file.
+def read_records(files: list[Path], convert: Callable[[object, str], object], skip_bad_records: bool = False,
+                 stats: ReadStats | None = None, what: str = "records", kinds: tuple[type, ...] = (dict,)) -> Iterator:
+    """Yield `convert(record, "file:line")` for every JSON record of every JSONL file (blank lines and
+    None results left out); `convert` raises BadRecord naming that place for a record it cannot use.
+    Files with nothing usable in them are an error naming `what` was expected."""
+    stats = stats if stats is not None else ReadStats()
 
-    A corpus with no text at all is an error; bad records as in `iter_parsed_lines`.
-    """
+    def parse(raw: bytes, path: Path, line_no: int):
+        record = parse_json_line(raw, path, line_no, kinds)
+        return None if record is None else convert(record, f"{path}:{line_no}")
+
+    yield from read_lines(files, parse, skip_bad_records, stats)
+    raise_if_nothing_read(files, stats, what)
+
+
+def iter_texts(files: list[Path], text_field: str = "text", skip_bad_records: bool = False,
+               stats: ReadStats | None = None, with_sources: bool = False) -> Iterator:
+    """Yield every non-empty sample: a JSONL record's text field, or a line of a text file; with
+    `with_sources`, as (text, "file:line"). A corpus with no text at all is an error; bad records as
+    in `read_lines`."""
     stats = stats if stats is not None else ReadStats()
 
     def parse(raw, path, line_no):
         text = _line_text(raw, path, line_no, text_field)
         return text if text and text.strip() else None
 
-    for text in iter_parsed_lines(files, parse, skip_bad_records, stats):
-        stats.characters += len(text)
-        yield text
+    def parse_with_source(raw, path, line_no):
+        text = parse(raw, path, line_no)
+        return (text, f"{path}:{line_no}") if text is not None else None
+
+    for sample in read_lines(files, parse_with_source if with_sources else parse, skip_bad_records, stats):
+        stats.characters += len(sample[0] if with_sources else sample)
+        yield sample
     raise_if_nothing_read(files, stats)
 
 

@@ -29,15 +29,12 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq
 
-from dstrain.data.chat_format import conversation_from_record
+from dstrain.data.cache import DataSpec, ProcessedDatasets, processed_datasets, split_by_marks
+from dstrain.data.chat_format import iter_conversations
 from dstrain.data.chat_template import IGNORE, tokenize_conversation
-from dstrain.data.records import ReadStats, iter_parsed_lines, parse_json_line, raise_if_nothing_read
-from dstrain.data.cache import ProcessedDatasets, corpus_datasets, records_dataset, with_validation_marks
+from dstrain.data.records import ReadStats
 from dstrain.distributed import print0
 from dstrain.errors import UserError
-from dstrain.data.blocks import split_by_marks
-
-CACHE_LAYOUT_VERSION = "2"  # 2: source / sources columns and the build report
 
 
 def assistant_spans(labels: list[int]) -> list[tuple[int, int]]:
@@ -103,7 +100,8 @@ class PackedRowsCollator:
     the square of the row length, so rows stay separate and are padded to the longest; the
     padding is a segment of its own (positions restart) with labels -100.
     transformers' DataCollatorWithFlattening is not used: it recomputes position_ids per
-    example, which would merge the conversations inside a packed row.
+    example, which would merge the conversations inside a packed row; nor is tokenizer.pad: it
+    pads neither labels (-100) nor position_ids (a segment of their own).
     Labels of every conversation start with -100 (the template's opening tokens), so no token
     is trained to predict the next conversation's first token.
     """
@@ -161,55 +159,41 @@ class LengthReport:
         self.truncated += len(fitted[0]) < len(ids)
 
 
+@dataclass(frozen=True)
+class ChatSpec(DataSpec):
+    """SFT data: conversations tokenized with the assistant mask, fitted to max_length, maybe packed."""
+
+    kind = "sft"
+    layout = "2"  # 2: source / sources columns and the build report
+
+    data_format: str = "auto"
+    system_prompt: str | None = None
+    max_length: int = 2048
+    packing: bool = False
+
+    def read(self, files: tuple[Path, ...], stats: ReadStats):
+        for messages, source in iter_conversations(list(files), self.data_format, self.system_prompt,
+                                                   self.skip_bad_records, stats, with_sources=True):
+            yield {"messages": messages, "source": source}
+
+    def build(self, tokenizer, records, scratch: Path) -> ProcessedDatasets:
+        return _tokenize_fit_pack(self, tokenizer, records)
+
+
 def sft_datasets(data_args, tokenizer, seed: int, main_process_first) -> ProcessedDatasets:
     """Tokenized (and, with --packing, packed) train and validation datasets for SFT."""
-    settings = {"data_format": data_args.data_format, "system_prompt": data_args.system_prompt,
-                "max_length": data_args.max_length, "packing": data_args.packing, "seed": seed}
-    return corpus_datasets(data_args, "sft", CACHE_LAYOUT_VERSION, tokenizer, settings,
-                           lambda train, validation, settings, scratch: _build(train, validation, tokenizer, settings,
-                                                                               scratch),
-                           main_process_first)
+    spec = ChatSpec.from_arguments(data_args, seed, data_format=data_args.data_format,
+                                   system_prompt=data_args.system_prompt, max_length=data_args.max_length,
+                                   packing=data_args.packing)
+    return processed_datasets(spec, tokenizer, main_process_first)
 
 
-def _conversations_with_sources(files, data_format, system_prompt, skip_bad_records, stats):
-    """(messages, "path:line") per record: chat_data.iter_conversations, keeping where each came from."""
-    def parse(raw, path, line_no):
-        record = parse_json_line(raw, path, line_no)
-        if record is None:
-            return None
-        return conversation_from_record(record, f"{path}:{line_no}", data_format, system_prompt), f"{path}:{line_no}"
-
-    yield from iter_parsed_lines(files, parse, skip_bad_records, stats)
-    raise_if_nothing_read(files, stats, "conversations")
-
-
-def _conversations(train_files, validation_files, data_format, system_prompt, skip_bad_records,
-                   validation_percentage, seed, stats):
-    read = lambda files, key: _conversations_with_sources(files, data_format, system_prompt, skip_bad_records,
-                                                          stats[key])
-    validation = read(validation_files, "validation") if validation_files else []
-    for (messages, source), is_validation in with_validation_marks(read(train_files, "train"), validation,
-                                                                   validation_percentage, seed):
-        yield {"messages": messages, "source": source, "is_validation": is_validation}
-
-
-def _build(train_files, validation_files, tokenizer, settings, scratch: Path) -> ProcessedDatasets:
-    stats = {"train": ReadStats(), "validation": ReadStats()}
-    conversations = records_dataset(
-        _conversations, scratch, train_files=train_files, validation_files=validation_files,
-        data_format=settings["data_format"], system_prompt=settings["system_prompt"],
-        skip_bad_records=settings["skip_bad_records"], validation_percentage=settings["validation_percentage"],
-        seed=settings["seed"], stats=stats,
-    )
-    problems = stats["train"].problems + stats["validation"].problems
-    if problems:
-        print0(f"Skipped {len(problems)} bad records (--skip_bad_records); first: {problems[0]}")
-
+def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations) -> ProcessedDatasets:
     reports = {"train": LengthReport(), "validation": LengthReport()}
     rows = {"input_ids": [], "labels": [], "source": [], "is_validation": []}
     for record in conversations:
         ids, labels = tokenize_conversation(tokenizer, record["messages"])
-        fitted = fit_to_length(ids, labels, settings["max_length"])
+        fitted = fit_to_length(ids, labels, spec.max_length)
         reports["validation" if record["is_validation"] else "train"].count(record["source"], ids, labels, fitted)
         if fitted is None:
             continue
@@ -220,20 +204,19 @@ def _build(train_files, validation_files, tokenizer, settings, scratch: Path) ->
     kept, truncated, dropped = (sum(getattr(report, key) for report in reports.values())
                                 for key in ("kept", "truncated", "dropped"))
     print0(f"Conversations: {kept:,} kept, {truncated:,} truncated at a turn boundary and "
-           f"{dropped:,} dropped (first reply longer than --max_length {settings['max_length']})")
+           f"{dropped:,} dropped (first reply longer than --max_length {spec.max_length})")
     if kept == 0:
-        raise UserError(f"every conversation is longer than --max_length {settings['max_length']} "
+        raise UserError(f"every conversation is longer than --max_length {spec.max_length} "
                         "before its first reply ends; raise --max_length")
 
-    tokenized = Dataset.from_dict(rows)
-    splits = split_by_marks(tokenized, with_validation=settings["validation_percentage"] > 0 or bool(validation_files))
+    splits = split_by_marks(Dataset.from_dict(rows), with_validation=spec.holds_out)
     if "validation" in splits and len(splits["validation"]) == 0:
         raise UserError("the validation split holds no conversation: raise --validation_split_percentage "
                         "or give --validation_files")
-    if settings["packing"]:
-        splits = {name: packed_rows(split, settings["max_length"]) for name, split in splits.items()}
+    if spec.packing:
+        splits = {name: packed_rows(split, spec.max_length) for name, split in splits.items()}
     for name, split in splits.items():
-        print0(_describe(name, split, settings["max_length"], settings["packing"]))
+        print0(_describe(name, split, spec.max_length, spec.packing))
     return ProcessedDatasets(splits, report={name: asdict(reports[name]) for name in splits})
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
-from dstrain.data.records import BadRecord, iter_parsed_lines, parse_json_line
+from dstrain.data.records import BadRecord, read_lines, parse_json_line
 from dstrain.errors import UserError
 from dstrain.infer.generation import (Completion, InferenceModel, Sampling, chat_prompt_ids, generate_batch, generate_one,
                               has_chat_template, stop_token_ids, text_prompt_ids)
@@ -152,7 +152,7 @@ def read_questions(path: Path, system: str | None) -> list[Question]:
             record = parse_json_line(raw_line, file, line_no)
             return None if record is None else _question(record, where, system)
 
-        questions = list(iter_parsed_lines([path], parse))
+        questions = list(read_lines([path], parse))
     if not questions:
         raise UserError(f"{path}: no questions in the file")
     return questions

@@ -36,9 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import DeepSpeedPlugin
+from deepspeed.checkpoint import ds_to_universal
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
 from dstrain.distributed import print0
 from dstrain.errors import UserError
+from dstrain.train.run import check_deepspeed_config_agrees
 
 UNIVERSAL_TAG_FILE = "latest_universal"
 
@@ -109,30 +114,15 @@ def accumulation_for(global_batch: int, per_device_batch: int, world_size: int) 
                     "to train on with a new global batch")
 
 
-def adapt_to_world_size(args, checkpoint: str | None) -> None:
-    """When `checkpoint` was written by another world size: recompute gradient accumulation, make
-    the universal checkpoint, and tell DeepSpeed to load it. A no-op otherwise."""
-    if checkpoint is None or not args.deepspeed:
-        return
-    saved = saved_topology(checkpoint)
-    if saved is None or saved.world_size == args.world_size:
-        return
-    print0(f"{Path(checkpoint).name} was written by {saved.world_size} ranks; this run has {args.world_size}: "
-           "resuming from a universal checkpoint")
-    if args.keep_global_batch_size:
-        accumulation = accumulation_for(saved.global_batch, args.per_device_train_batch_size, args.world_size)
-        if accumulation != args.gradient_accumulation_steps:
-            print0(f"Gradient accumulation {args.gradient_accumulation_steps} -> {accumulation} keeps the global "
-                   f"batch of {saved.global_batch} sequences ({args.per_device_train_batch_size} per device x "
-                   f"{accumulation} x {args.world_size} ranks)")
-        args.gradient_accumulation_steps = accumulation
-    else:
-        new_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        print0(f"Global batch {saved.global_batch} -> {new_batch} sequences (--keep_global_batch_size false): "
-               "steps and the LR schedule go on, the data position is approximate")
+def load_on_this_world_size(args, checkpoint: str, tag: str, gradient_accumulation_steps: int | None) -> None:
+    """Load `checkpoint` (written by another world size) in this run: the accumulation that keeps its
+    global batch (None: the flags' own), the universal checkpoint made by rank 0 while the others
+    wait, and DeepSpeed told to load it."""
+    if gradient_accumulation_steps is not None:
+        args.gradient_accumulation_steps = gradient_accumulation_steps
     with args.main_process_first(local=False, desc="universal checkpoint conversion"):
         if args.process_index == 0:
-            convert_to_universal(checkpoint, saved.tag)
+            convert_to_universal(checkpoint, tag)
     load_universal_checkpoint(args)
 
 
@@ -146,8 +136,6 @@ def convert_to_universal(checkpoint: str | Path, tag: str | None = None, workers
     """DeepSpeed's ds_to_universal on checkpoint/<tag>, written beside it as <tag>_universal with the
     `latest_universal` tag file. Written under a temporary name and renamed, so a conversion killed
     half way is redone, never loaded."""
-    from deepspeed.checkpoint import ds_to_universal
-
     checkpoint = Path(checkpoint)
     tag = tag or deepspeed_tag(checkpoint)
     if tag is None:
@@ -186,11 +174,6 @@ def load_universal_checkpoint(args) -> None:
     `checkpoint.load_universal` on. TrainingArguments resolved the "auto" batch values when it was
     built, with the old accumulation; this is the same step it runs (training_args.py, DeepSpeed
     part of __post_init__), run again."""
-    from accelerate.utils import DeepSpeedPlugin
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
-    from dstrain.arguments import check_deepspeed_config_agrees
-
     args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
     args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
     args.hf_deepspeed_config.trainer_config_process(args)
@@ -213,8 +196,6 @@ def keep_each_param_groups_hyperparameters() -> None:
     them (the same flags; the learning rate, shared by HF's groups, stays the loaded one) and its
     own step counter after DeepSpeed's load; the tensors loaded are DeepSpeed's.
     """
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
     load = DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3
     if getattr(load, "keeps_param_groups", False):
         return

@@ -30,7 +30,6 @@ import re
 import resource
 import time
 from dataclasses import asdict, is_dataclass
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -125,31 +124,19 @@ def model_shape(model) -> tuple[int, int]:
     return int(layers), int(hidden)
 
 
-def reported_to(report_to) -> list[str]:
-    if not report_to:
-        return []
-    return [report_to] if isinstance(report_to, str) else list(report_to)
+# ===== the run's environment (dstrain/train/run.py) and its flags =====
 
-
-# ===== arguments (called from TrainingArguments.__post_init__) =====
-
-def configure_reporting(args) -> None:
-    """Check the monitoring flags and hand the WandB ones to wandb through its own variables, before
-    anything starts a run (the data audit may start it, before the Trainer's callback does).
-    Flags win over WANDB_* variables already set."""
-    targets = reported_to(args.report_to)
-    if "swanlab" in targets and find_spec("swanlab") is None:
-        raise UserError("--report_to swanlab needs the swanlab package: pip install swanlab")
-    if "wandb" in targets:
-        os.environ["WANDB_PROJECT"] = args.wandb_project or os.environ.get("WANDB_PROJECT") or "dstrain"
-        for value, variable in ((args.wandb_group, "WANDB_RUN_GROUP"), (args.wandb_tags, "WANDB_TAGS")):
-            if value:
-                os.environ[variable] = value
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        raise UserError(f"--peak_tflops must be positive, got {args.peak_tflops}")
-    if args.sample_every < 0 or args.sample_max_new_tokens < 1:
-        raise UserError("--sample_every must be 0 (off) or more, and --sample_max_new_tokens at least 1")
-    args.sample_prompts = load_prompts(args.sample_prompts) if args.sample_every else args.sample_prompts
+def set_wandb_environment(args) -> None:
+    """Hand the WandB flags to wandb through its own variables, before anything starts a run (the
+    data audit may start it, before the Trainer's callback does); flags win over WANDB_* already
+    set. The run files (offline runs included) go beside the run, not into the current folder."""
+    if "wandb" not in args.reporting_targets():
+        return
+    os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(args.output_dir or ".")))
+    os.environ["WANDB_PROJECT"] = args.wandb_project or os.environ.get("WANDB_PROJECT") or "dstrain"
+    for value, variable in ((args.wandb_group, "WANDB_RUN_GROUP"), (args.wandb_tags, "WANDB_TAGS")):
+        if value:
+            os.environ[variable] = value
 
 
 def load_prompts(values: list[str] | None) -> list[str]:
@@ -182,9 +169,10 @@ def load_prompts(values: list[str] | None) -> list[str]:
 class TrainingMonitor(TrainerCallback):
     """See the module docstring. It must run before the reporting callbacks: `add_monitoring`."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, logged_arguments: tuple = ()):
         self.trainer = trainer
         self.args = trainer.args
+        self.logged_arguments = logged_arguments  # the run's other argument dataclasses, for its WandB config
         self.peak_tflops = self.args.peak_tflops
         if self.peak_tflops is None and torch.cuda.is_available():
             self.peak_tflops = peak_tflops_for(torch.cuda.get_device_name())
@@ -310,10 +298,10 @@ class TrainingMonitor(TrainerCallback):
 
     # ---- the run's whole configuration ----
     def run_config(self) -> dict:
-        """What WandbCallback does not log: our other argument dataclasses (parse_args attaches them),
-        the DeepSpeed config with its "auto" values resolved, and the FLOPs accounting."""
+        """What WandbCallback does not log: our other argument dataclasses, the DeepSpeed config with
+        its "auto" values resolved, and the FLOPs accounting."""
         config = {"run_arguments": {type(a).__name__: _plain(asdict(a))
-                                    for a in getattr(self.args, "run_arguments", []) if is_dataclass(a)}}
+                                    for a in self.logged_arguments if is_dataclass(a)}}
         deepspeed = getattr(self.args, "hf_deepspeed_config", None)
         if deepspeed is not None:
             config["deepspeed_config"] = _plain(deepspeed.config)
@@ -323,7 +311,7 @@ class TrainingMonitor(TrainerCallback):
         return config
 
     def _wandb_run(self):
-        if "wandb" not in reported_to(self.args.report_to):
+        if "wandb" not in self.args.reporting_targets():
             return None
         import wandb
 
@@ -335,9 +323,10 @@ def _plain(values):
     return json.loads(json.dumps(values, default=str))
 
 
-def add_monitoring(trainer) -> TrainingMonitor:
+def add_monitoring(trainer, logged_arguments: tuple = ()) -> TrainingMonitor:
     """Attach the monitor ahead of every other callback: the metrics it adds to a log entry must be
-    there before the reporting callbacks (WandB, the console printer) read it."""
-    monitor = TrainingMonitor(trainer)
+    there before the reporting callbacks (WandB, the console printer) read it. `logged_arguments`
+    (the run's other argument dataclasses) go into the WandB run config."""
+    monitor = TrainingMonitor(trainer, logged_arguments)
     trainer.callback_handler.callbacks.insert(0, monitor)
     return monitor

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import DPOTrainer, RewardTrainer
 
 from dstrain.data.chat_format import check_turn_order
-from dstrain.data.records import BadRecord, expand_inputs, iter_parsed_lines, parse_json_line, write_jsonl_atomically
+from dstrain.data.records import BadRecord, expand_inputs, read_lines, parse_json_line, write_jsonl_atomically
 from dstrain.errors import UserError
 from dstrain.model.adapters import is_adapter_folder, load_adapter_model, lora_config, report_trainable
 from dstrain.model.loading import load_tokenizer
@@ -125,7 +125,7 @@ def score_file(model_dir: str, input_path: str, output_path: str, batch_size: in
         record = parse_json_line(raw, path, line_no)
         return None if record is None else (record, _scoring_item(record, f"{path}:{line_no}"))
 
-    for record, item in iter_parsed_lines(files, parse):  # every record is checked before any scoring
+    for record, item in read_lines(files, parse):  # every record is checked before any scoring
         records.append(record)
         items.append(item)
     if not items:
