@@ -1,6 +1,6 @@
 """Read what a WandB offline run logged, from its `run-*.wandb` file, to assert on it in tests.
 
-wandb 0.31 has no reader for these files any more (DESIGN.md): each is a LevelDB-log-style
+wandb 0.31 has no reader for these files any more (its wandb.sdk.internal.datastore is gone): each is a LevelDB-log-style
 stream of `wandb_internal_pb2.Record` protobufs, a 7-byte header (`:W&B`, version...) then
 32 KiB blocks of records, each with a 7-byte header: crc (u32), length (u16), type (1 full,
 2 first, 3 middle, 4 last fragment). A record header never starts in a block's last 6 bytes.

@@ -71,7 +71,9 @@ def checked_messages(value, what: str, where: str) -> list[dict]:
 
 
 def _split_implicit_prompt(record: dict, where: str) -> tuple[list[dict], str, str]:
-    """{"chosen": [...], "rejected": [...]}: the shared turns are the prompt, the last replies the sides."""
+    """{"chosen": [...], "rejected": [...]}: the shared turns are the prompt, the last replies the sides.
+    Not TRL's extract_prompt: it takes the longest common prefix, so sides that differ before their last
+    reply would pass silently as multi-turn replies; here they are a bad record."""
     chosen, rejected = (checked_messages(record[side], side, where) for side in SIDES)
     if chosen[:-1] != rejected[:-1]:
         raise BadRecord(f"{where}: no 'prompt', and 'chosen' and 'rejected' differ before their last turn, "

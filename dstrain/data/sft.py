@@ -60,7 +60,9 @@ def fit_to_length(ids: list[int], labels: list[int], max_length: int):
 
 
 def pack_into_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Indices grouped into rows of at most max_length tokens: best fit, longest first."""
+    """Indices grouped into rows of at most max_length tokens: best fit, longest first, over the whole
+    split. TRL's pack_dataset (also best fit decreasing) is not used: it packs each map batch of 1,000
+    on its own, needs every column to be a token list (not our `source` strings) and gives no position_ids."""
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row number), kept sorted
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from dstrain.distributed import print0
 from dstrain.errors import UserError
-from dstrain.model.config import count_parameters
 
 
 def linear_layer_names(model) -> list[str]:
@@ -59,8 +58,7 @@ def apply_lora(model, lora_args, activation_checkpointing: bool):
 
 
 def report_trainable(model, lora_args) -> None:
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    total = count_parameters(model)
+    trainable, total = model.get_nb_trainable_parameters()  # PEFT's count knows ZeRO-3 shards and 4-bit weights
     print0(f"LoRA r={lora_args.lora_r} alpha={lora_args.lora_alpha}: {trainable:,} trainable of {total:,} "
            f"parameters ({trainable / total:.2%})")
 

@@ -40,22 +40,6 @@ def load_model_spec(name_or_path: str) -> dict:
     return spec
 
 
-def parse_overrides(overrides: str | None) -> dict:
-    """`--config_overrides "num_hidden_layers=4,hidden_size=128"` as run_clm.py spells it."""
-    if not overrides:
-        return {}
-    parsed = {}
-    for item in overrides.split(","):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--config_overrides: '{item}' is not key=value")
-        try:
-            parsed[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            parsed[key.strip()] = raw
-    return parsed
-
-
 def padded_vocab_size(tokenizer: PreTrainedTokenizerBase, multiple_of: int = 1) -> int:
     """len(tokenizer), rounded up to a multiple (64 keeps GPU matmuls on fast tile sizes)."""
     return int(math.ceil(len(tokenizer) / multiple_of) * multiple_of)
@@ -71,19 +55,26 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
 
 def derive_model_config(tokenizer: PreTrainedTokenizerBase, config_name: str, overrides: str | None = None,
                         pad_vocab_to_multiple_of: int = 1) -> PretrainedConfig:
-    spec = load_model_spec(config_name) | parse_overrides(overrides)
+    """The preset's architecture and sizes, `--config_overrides "num_hidden_layers=4,hidden_act=gelu"` over
+    them (PretrainedConfig.update_from_string, as run_clm.py does), and the vocabulary size and special
+    ids from the tokenizer, whatever the preset or the overrides say."""
+    spec = load_model_spec(config_name)
     model_type = spec.pop("model_type")
-    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
-        spec.pop(key, None)  # the tokenizer decides these, whatever the preset says
+    from_tokenizer = {"vocab_size": padded_vocab_size(tokenizer, pad_vocab_to_multiple_of), **special_token_ids(tokenizer)}
     try:
-        return AutoConfig.for_model(
-            model_type,
-            vocab_size=padded_vocab_size(tokenizer, pad_vocab_to_multiple_of),
-            **special_token_ids(tokenizer),
-            **spec,
-        )
+        config = AutoConfig.for_model(model_type, **(spec | from_tokenizer))
     except ValueError as error:
         raise UserError(f"--config_name {config_name}: {str(error).splitlines()[0]}") from None
+    if overrides:
+        for item in overrides.split(","):
+            if "=" not in item or not item.split("=", 1)[0].strip():
+                raise UserError(f"--config_overrides: '{item}' is not key=value")
+        try:
+            config.update_from_string(overrides)
+        except ValueError as error:
+            raise UserError(f"--config_overrides {overrides}: {str(error).splitlines()[0]}") from None
+        config.update(from_tokenizer)
+    return config
 
 
 def check_model_tokenizer_pair(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, where: str) -> None:

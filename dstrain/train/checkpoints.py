@@ -79,7 +79,7 @@ def incomplete_reason(checkpoint) -> str | None:
 
 def choose_resume_point(output_dir) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete checkpoint in output_dir, and the (folder, reason) of each incomplete
-    one newer than it (issue #11's elastic resume starts from the same choice)."""
+    one newer than it (elastic resume starts from the same choice)."""
     skipped = []
     for folder in reversed(checkpoint_folders(output_dir)):
         try:
