@@ -18,10 +18,11 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
-from dstrain.infer.chat_session import answer_one, answer_questions, interactive_chat, read_questions, write_answers
-from dstrain.errors import UserError, cli_entry
 from dstrain.data.chat_template import has_chat_template
-from dstrain.infer.generation import add_sampling_flags, load_inference_model, sampling_from_args
+from dstrain.errors import UserError, cli_entry
+from dstrain.infer.chat_session import answer_one, answer_questions, interactive_chat, read_questions, write_answers
+from dstrain.infer.model_loading import load_inference_model
+from dstrain.infer.sampling import add_sampling_flags, sampling_from_args
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,9 @@ import argparse
 from transformers.utils import logging as transformers_logging
 
 from dstrain.errors import UserError, cli_entry
-from dstrain.infer.generation import (add_sampling_flags, chat_prompt_ids, generate_one, load_inference_model,
-                              sampling_from_args, text_prompt_ids)
+from dstrain.infer.generation import chat_prompt_ids, generate_one, text_prompt_ids
+from dstrain.infer.model_loading import load_inference_model
+from dstrain.infer.sampling import add_sampling_flags, sampling_from_args
 
 
 @cli_entry

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from dstrain.errors import UserError, cli_entry
-from dstrain.infer.generation import BASE_ADAPTER, load_inference_model
+from dstrain.infer.generation import BASE_ADAPTER
+from dstrain.infer.model_loading import load_inference_model
 from dstrain.model.adapters import adapter_base, is_adapter_folder
 
 API_KEY_VARIABLE = "DSTRAIN_API_KEY"

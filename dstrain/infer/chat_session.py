@@ -8,10 +8,13 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
+from dstrain.data.chat_template import has_chat_template
 from dstrain.data.records import BadRecord, iter_parsed_lines, parse_json_line
 from dstrain.errors import UserError
-from dstrain.infer.generation import (Completion, InferenceModel, Sampling, chat_prompt_ids, generate_batch, generate_one,
-                              has_chat_template, stop_token_ids, text_prompt_ids)
+from dstrain.infer.generation import (Completion, chat_prompt_ids, generate_batch, generate_one, stop_token_ids,
+                                      text_prompt_ids)
+from dstrain.infer.model_loading import InferenceModel
+from dstrain.infer.sampling import Sampling
 
 ROLES = ("system", "user", "assistant")
 

@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dstrain.data.chat_template import has_chat_template
-from dstrain.infer.generation import Completion, Sampling, StopTextFilter, chat_prompt_ids, fit_to_context, \
-    text_prompt_ids
 from dstrain.infer.engine import EngineBusy, GenerationEngine, GenerationRequest
+from dstrain.infer.generation import Completion, StopTextFilter, chat_prompt_ids, fit_to_context, text_prompt_ids
+from dstrain.infer.sampling import Sampling
 
 
 # ===== errors =====
