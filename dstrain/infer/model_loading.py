@@ -1,6 +1,6 @@
 """A model ready to generate: a model folder, or a PEFT adapter folder on its base, with any number
-of named LoRA adapters over one copy of that base (chosen per row at generation time); the device
-it runs on."""
+of named LoRA adapters over one copy of that base (chosen per row at generation time); the model
+flags chat.py, generate.py and serve.py share; the device it runs on."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,20 @@ class InferenceModel:
     @property
     def has_adapters(self) -> bool:
         return bool(self.adapters)
+
+
+def add_model_flags(parser) -> None:
+    """The flags that say which model an inference command loads, and where."""
+    parser.add_argument("--model", required=True,
+                        help="a model folder with its tokenizer, or a PEFT adapter folder (lora.py's output)")
+    parser.add_argument("--base", help="the base model of an adapter --model (default: the one its config names)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1")
+    parser.add_argument("--trust_remote_code", action="store_true", help="run code shipped in the model folder")
+
+
+def load_model_from_args(args, adapters: dict[str, str] | None = None) -> InferenceModel:
+    """The model add_model_flags' flags name, with `adapters` (name -> folder) over its base."""
+    return load_inference_model(args.model, args.base, adapters, args.device, args.trust_remote_code)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
