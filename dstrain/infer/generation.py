@@ -101,14 +101,6 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder-only model continues from the last position of each row, so batches pad on the left."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
-    return input_ids, attention_mask
-
-
 @torch.inference_mode()
 def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: Sampling, stop_ids: list[int],
                    max_new_tokens: list[int] | None = None, adapter_names: list[str] | None = None,
@@ -117,8 +109,9 @@ def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: S
     and, over a PeftModel, its own adapter (PEFT's mixed-adapter batches; BASE_ADAPTER for none)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     limits = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = left_padded(prompts, pad_id, model.device)
+    pad_id = tokenizer.pad_token_id  # eos where the tokenizer has none (load_inference_model)
+    # A decoder-only model continues from the last position of each row, so batches pad on the left.
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     extra = {"adapter_names": adapter_names} if loaded.has_adapters and adapter_names else {}
@@ -128,12 +121,11 @@ def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: S
         extra["min_new_tokens"] = max(limits)
     if sampling.stop:  # end each row at its stop string rather than at max_new_tokens
         extra |= {"stop_strings": list(sampling.stop), "tokenizer": tokenizer}
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(limits),
-                            eos_token_id=stop_ids, pad_token_id=pad_id, streamer=streamer,
-                            **sampling.generate_kwargs(), **extra)
+    output = model.generate(**padded, max_new_tokens=max(limits), eos_token_id=stop_ids, pad_token_id=pad_id,
+                            streamer=streamer, **sampling.generate_kwargs(), **extra)
     completions = []
     for row, (prompt, limit) in enumerate(zip(prompts, limits)):
-        new = output[row, input_ids.shape[1]:].tolist()[:limit]
+        new = output[row, padded["input_ids"].shape[1]:].tolist()[:limit]
         ends = [] if sampling.ignore_eos else [i for i, token in enumerate(new) if token in stop_ids]
         new = new[:ends[0] + 1] if ends else new
         text_filter = StopTextFilter(sampling.stop)

@@ -68,6 +68,8 @@ def load_inference_model(model_dir: str, base: str | None = None, adapters: dict
     else:
         base, tokenizer_dir = base or model_dir, model_dir
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    if tokenizer.pad_token is None:  # batches are padded with eos then; the attention mask hides it
+        tokenizer.pad_token = tokenizer.eos_token
     target = pick_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     try:
