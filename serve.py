@@ -18,7 +18,6 @@ run at once; more are answered 429 at once.
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import socket
@@ -30,7 +29,7 @@ import torch
 from dstrain.errors import UserError, cli_entry
 from dstrain.infer.generation import BASE_ADAPTER
 from dstrain.infer.model_loading import add_model_flags, load_model_from_args
-from dstrain.model.adapters import adapter_base, is_adapter_folder
+from dstrain.model.adapters import adapter_base, adapter_config, is_adapter_folder
 
 API_KEY_VARIABLE = "DSTRAIN_API_KEY"
 
@@ -109,8 +108,7 @@ def vllm_command(args, adapters: dict[str, str]) -> list[str]:
     if args.trust_remote_code:
         command.append("--trust-remote-code")
     if adapters:
-        ranks = [json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 16)
-                 for path in adapters.values()]
+        ranks = [getattr(adapter_config(path), "r", 16) for path in adapters.values()]
         command += ["--enable-lora", "--max-lora-rank", str(max(ranks)),
                     "--lora-modules", *(f"{key}={path}" for key, path in adapters.items())]
     return command

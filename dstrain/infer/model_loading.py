@@ -72,6 +72,8 @@ def load_inference_model(model_dir: str, base: str | None = None, adapters: dict
         tokenizer.pad_token = tokenizer.eos_token
     target = pick_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    # The base is loaded here, not by AutoPeftModelForCausalLM, so that the --lora adapters share it and a
+    # broken base and a broken adapter each keep their own error message.
     try:
         model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, dtype=dtype)
     except (OSError, ValueError) as error:
