@@ -28,7 +28,8 @@ from dstrain.distributed import finish
 from dstrain.errors import UserError, cli_entry
 from dstrain.model.adapters import quantization_config
 from dstrain.model.loading import build_model, load_tokenizer, model_config_for
-from dstrain.train.preference import reward_config, reward_trainer, score_file
+from dstrain.infer.scoring import score_file
+from dstrain.train.preference import reward_config, reward_trainer
 from dstrain.data.pairs import preference_datasets
 from dstrain.data.chat_template import require_chat_template
 from dstrain.train.steps import evaluate_and_record, resume_checkpoint, train_and_save
