@@ -29,7 +29,9 @@ def load_reward_model(path: str):
         raise UserError(f"cannot load a reward model from {path}: {str(error).splitlines()[0]}") from None
     if model.config.num_labels != 1:
         raise UserError(f"{path} is not a reward model (it has {model.config.num_labels} labels, not one score)")
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last token before padding
+    if tokenizer.pad_token is None:  # tokenizer.pad needs one even for a batch of one; larger ones the model refuses
+        tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
 
@@ -42,10 +44,8 @@ def rewards(model, tokenizer, prompts: list[list[dict]], replies: list[str], bat
     scores = []
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start:start + batch_size]
-        longest = max(map(len, batch))
-        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in batch])
-        attention = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in batch])
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        padded = tokenizer.pad({"input_ids": batch}, padding_side="right", return_tensors="pt")
+        logits = model(**padded).logits
         scores.extend(logits[:, 0].float().tolist())
     return scores
 
