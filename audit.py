@@ -20,8 +20,15 @@ weights run at the start of training.
 
 from contextlib import nullcontext
 
-from dstrain.arguments import (AuditDataArguments, DPOTrainingArguments, LoraArguments, ModelArguments,
-                               PreferenceLoraArguments, RewardTrainingArguments, TrainingArguments)
+from dstrain.arguments import (
+    AuditDataArguments,
+    DPOTrainingArguments,
+    LoraArguments,
+    ModelArguments,
+    PreferenceLoraArguments,
+    RewardTrainingArguments,
+    TrainingArguments,
+)
 from dstrain.audit import STAGES, audit, planned_generation_config
 from dstrain.cli import CommandLine, build, cli_entry, parse_known, refuse_unknown
 from dstrain.data.blocks import pretraining_datasets

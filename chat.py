@@ -18,24 +18,22 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
-from dstrain.infer.chat_session import answer_one, answer_questions, interactive_chat, read_questions, write_answers
 from dstrain.cli import cli_entry
-from dstrain.errors import UserError
 from dstrain.data.chat_template import has_chat_template
-from dstrain.infer.generation import add_sampling_flags, load_inference_model, sampling_from_args
+from dstrain.errors import UserError
+from dstrain.infer.chat_session import answer_one, answer_questions, interactive_chat, read_questions, write_answers
+from dstrain.infer.model_loading import add_model_flags, load_model_from_args
+from dstrain.infer.sampling import add_sampling_flags, sampling_from_args
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model folder, or a PEFT adapter folder")
-    parser.add_argument("--base", help="the base model of an adapter --model (default: the one its config names)")
+    add_model_flags(parser)
     parser.add_argument("--question", help="answer this one question and exit")
     parser.add_argument("--questions", help="a JSON or JSONL file of questions to answer in batches (needs --output)")
     parser.add_argument("--output", help="where --questions writes its answers (JSON)")
     parser.add_argument("--batch_size", type=int, default=8, help="questions generated together in --questions mode")
     parser.add_argument("--system", help="a system message before every conversation")
-    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1")
-    parser.add_argument("--trust_remote_code", action="store_true")
     add_sampling_flags(parser, max_new_tokens=256, temperature=0.7)
     return parser
 
@@ -59,7 +57,7 @@ def main(argv=None) -> None:
     questions = read_questions(Path(args.questions), args.system) if args.questions else None  # bad files fail fast
 
     transformers_logging.disable_progress_bar()  # the chat is the output
-    loaded = load_inference_model(args.model, args.base, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model_from_args(args)
 
     if questions is not None:
         start = time.perf_counter()

@@ -15,9 +15,9 @@ DeepSpeed's own (deepspeed.checkpoint.ds_to_universal).
 import argparse
 from pathlib import Path
 
-from dstrain.train.elastic import convert_to_universal, saved_topology
 from dstrain.cli import cli_entry
 from dstrain.errors import UserError
+from dstrain.train.elastic import convert_to_universal, saved_topology
 
 
 def main() -> None:

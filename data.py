@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from dstrain.data.records import ReadStats, expand_inputs, iter_texts, write_jsonl_atomically
 from dstrain.cli import cli_entry
-from dstrain.errors import UserError
 from dstrain.data.python_docs import documentation_chats, documentation_preferences, documentation_texts
+from dstrain.data.records import ReadStats, expand_inputs, iter_texts, write_jsonl_atomically
+from dstrain.errors import UserError
 
 SPLITS = ("line", "paragraph", "file")
 

@@ -13,15 +13,15 @@ from transformers.utils import logging as transformers_logging
 
 from dstrain.cli import cli_entry
 from dstrain.errors import UserError
-from dstrain.infer.generation import (add_sampling_flags, chat_prompt_ids, generate_one, load_inference_model,
-                              sampling_from_args, text_prompt_ids)
+from dstrain.infer.generation import chat_prompt_ids, generate_one, text_prompt_ids
+from dstrain.infer.model_loading import add_model_flags, load_model_from_args
+from dstrain.infer.sampling import add_sampling_flags, sampling_from_args
 
 
 @cli_entry
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model folder with its tokenizer, or a PEFT adapter folder")
-    parser.add_argument("--base", help="the base model of an adapter --model (default: the one its config names)")
+    add_model_flags(parser)
     parser.add_argument("--prompt", help="text to continue")
     parser.add_argument("--chat", help="a user message, answered through the tokenizer's chat template")
     parser.add_argument("--system", help="system message for --chat")
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
         raise UserError("give exactly one of --prompt and --chat")
     sampling = sampling_from_args(args)
     transformers_logging.disable_progress_bar()
-    loaded = load_inference_model(args.model, args.base)
+    loaded = load_model_from_args(args)
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.chat}]

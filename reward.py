@@ -28,9 +28,10 @@ from dstrain.data.chat_template import require_chat_template
 from dstrain.data.pairs import preference_datasets
 from dstrain.distributed import finish
 from dstrain.errors import UserError
+from dstrain.infer.scoring import score_file
 from dstrain.model.adapters import quantization_config
 from dstrain.model.loading import build_model, load_tokenizer, model_config_for
-from dstrain.train.preference import reward_config, reward_trainer, score_file
+from dstrain.train.preference import reward_config, reward_trainer
 from dstrain.train.resume import apply_resume_plan, plan_resume
 from dstrain.train.run import start_run
 from dstrain.train.steps import evaluate_and_record, train_and_save

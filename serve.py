@@ -18,7 +18,6 @@ run at once; more are answered 429 at once.
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import socket
@@ -29,16 +28,16 @@ import torch
 
 from dstrain.cli import cli_entry
 from dstrain.errors import UserError
-from dstrain.infer.generation import BASE_ADAPTER, load_inference_model
-from dstrain.model.adapters import adapter_base, is_adapter_folder
+from dstrain.infer.generation import BASE_ADAPTER
+from dstrain.infer.model_loading import add_model_flags, load_model_from_args
+from dstrain.model.adapters import adapter_base, adapter_config, is_adapter_folder
 
 API_KEY_VARIABLE = "DSTRAIN_API_KEY"
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model folder, or a PEFT adapter folder (lora.py's output)")
-    parser.add_argument("--base", help="the base model of an adapter --model (default: the one its config names)")
+    add_model_flags(parser)
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                         help="serve a LoRA adapter over --model as model NAME (repeatable)")
     parser.add_argument("--served_model_name", help="the name of --model in the API (default: its folder name)")
@@ -51,9 +50,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="how long a lone request waits for others to batch with")
     parser.add_argument("--default_max_tokens", type=int, default=256, help="when a chat request sets no max_tokens")
     parser.add_argument("--max_tokens_limit", type=int, default=2048, help="the largest max_tokens accepted")
-    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1")
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
-    parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -112,8 +109,7 @@ def vllm_command(args, adapters: dict[str, str]) -> list[str]:
     if args.trust_remote_code:
         command.append("--trust-remote-code")
     if adapters:
-        ranks = [json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 16)
-                 for path in adapters.values()]
+        ranks = [getattr(adapter_config(path), "r", 16) for path in adapters.values()]
         command += ["--enable-lora", "--max-lora-rank", str(max(ranks)),
                     "--lora-modules", *(f"{key}={path}" for key, path in adapters.items())]
     return command
@@ -143,14 +139,14 @@ def main(argv=None) -> None:
         return run_vllm(args, adapters, api_key)
 
     # ===== 1. the model, with every adapter over one copy of the base =====
-    loaded = load_inference_model(args.model, args.base, adapters, args.device, args.trust_remote_code)
+    loaded = load_model_from_args(args, adapters)
     models = served_names(args, loaded)
 
     # ===== 2. the engine (batching worker) and the HTTP app =====
     import uvicorn  # here, so that argument errors come fast
 
-    from dstrain.infer.openai_api import ServerSettings, build_app
     from dstrain.infer.engine import GenerationEngine
+    from dstrain.infer.openai_api import ServerSettings, build_app
 
     engine = GenerationEngine(loaded, args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000).start()
     app = build_app(engine, ServerSettings(models, api_key, args.default_max_tokens, args.max_tokens_limit))

@@ -10,10 +10,10 @@ streamed, so it may be larger than memory. The result loads with AutoTokenizer.f
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dstrain.data.records import ReadStats, expand_inputs, iter_texts
 from dstrain.cli import cli_entry, parse_args
-from dstrain.errors import UserError
+from dstrain.data.records import ReadStats, expand_inputs, iter_texts
 from dstrain.data.tokenizer import NORMALIZERS, SPECIAL_TOKENS, train_bpe_tokenizer
+from dstrain.errors import UserError
 
 
 @dataclass

@@ -28,9 +28,9 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 
 from dstrain.arguments import DataArguments
-from dstrain.data.records import expand_inputs, iter_texts
 from dstrain.data.blocks import pretraining_datasets
 from dstrain.data.python_docs import documentation_texts
+from dstrain.data.records import expand_inputs, iter_texts
 from dstrain.data.tokenizer import train_bpe_tokenizer
 
 

@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from dstrain.data.chat_format import iter_conversations
-from dstrain.data.records import expand_inputs
-from dstrain.model.config import derive_model_config
-from dstrain.data.python_docs import documentation_chats, documentation_texts
 from dstrain.data.chat_template import IGNORE, tokenize_conversation
+from dstrain.data.python_docs import documentation_chats, documentation_texts
+from dstrain.data.records import expand_inputs
 from dstrain.data.sft import PackedRowsCollator, fit_to_length, pack_into_rows
 from dstrain.data.tokenizer import train_bpe_tokenizer
+from dstrain.model.config import derive_model_config
 
 
 def load_conversations(args) -> list[list[dict]]:

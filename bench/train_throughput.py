@@ -29,10 +29,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def plain_trainer_script(args) -> None:
     """What a user would write from the tutorials (here in a process of its own)."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments,
-                              default_data_collator, set_seed)
-
     from data_pipeline import recipe
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -79,8 +85,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from dstrain.data.records import expand_inputs, iter_texts
-    from dstrain.model.config import derive_model_config
     from dstrain.data.tokenizer import train_bpe_tokenizer
+    from dstrain.model.config import derive_model_config
 
     shared = REPO.parent / "shared" / "data" / "pretrain_en.jsonl"
     files = expand_inputs(args.train_files or ([str(shared)] if shared.exists() else []))

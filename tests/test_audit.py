@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process
 from dstrain.arguments import ChatDataArguments, DataArguments, PreferenceDataArguments
 from dstrain.audit import audit, planned_generation_config
-from dstrain.data.cache import ProcessedDatasets
 from dstrain.data.blocks import pretraining_datasets
-from dstrain.data.pairs import preference_datasets
+from dstrain.data.cache import ProcessedDatasets
 from dstrain.data.chat_template import IGNORE, closing_token
+from dstrain.data.pairs import preference_datasets
 from dstrain.data.sft import sft_datasets
 from dstrain.data.tokenizer import CHATML_TEMPLATE
+from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process
 
 REPLY_BLOCK = "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
 LONG_REPLY = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)  # far over 64 tokens

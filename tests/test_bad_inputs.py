@@ -145,9 +145,9 @@ BAD_BODIES = {  # kind -> (raw body, the param the error names or None)
 def server_app(base_model):
     from fastapi.testclient import TestClient
 
-    from dstrain.infer.generation import load_inference_model
-    from dstrain.infer.openai_api import ServerSettings, build_app
     from dstrain.infer.engine import GenerationEngine
+    from dstrain.infer.model_loading import load_inference_model
+    from dstrain.infer.openai_api import ServerSettings, build_app
 
     engine = GenerationEngine(load_inference_model(str(base_model), device="cpu")).start()
     try:

@@ -10,8 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
-from tests.tiny_chat_models import NAME_QUESTION, NAME_REPLY_WITH_HISTORY, NAME_REPLY_WITHOUT, NAME_TURNS, QUESTION, \
-    REPLIES, trained_models
+from tests.tiny_chat_models import (
+    NAME_QUESTION,
+    NAME_REPLY_WITH_HISTORY,
+    NAME_REPLY_WITHOUT,
+    NAME_TURNS,
+    QUESTION,
+    REPLIES,
+    trained_models,
+)
 
 GREEDY = ["--temperature", "0"]
 

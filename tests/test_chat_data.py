@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
 from dstrain.data.chat_format import iter_conversations
 from dstrain.data.records import BadRecord, ReadStats
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
 
 SYSTEM = {"role": "system", "content": "You are concise."}
 USER = {"role": "user", "content": "Translate to French:\n\nGood morning"}

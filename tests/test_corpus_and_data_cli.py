@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
 from dstrain.data.records import BadRecord, ReadStats, expand_inputs, iter_texts
 from dstrain.errors import UserError
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
 
 CHINESE = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"
 

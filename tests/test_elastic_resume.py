@@ -16,10 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (PRETRAIN_SAVE_EVERY, PRETRAIN_STEPS, REPO, assert_clean_error, assert_succeeded, logged_losses,
-                      run_deepspeed, run_main_in_process, train_flags)
-from dstrain.train.elastic import accumulation_for
 from dstrain.errors import UserError
+from dstrain.train.elastic import accumulation_for
+from tests.helpers import (
+    PRETRAIN_SAVE_EVERY,
+    PRETRAIN_STEPS,
+    REPO,
+    assert_clean_error,
+    assert_succeeded,
+    logged_losses,
+    run_deepspeed,
+    run_main_in_process,
+    train_flags,
+)
 
 # The uninterrupted runs save every 4 steps, and a resumed run keeps that (HF restores save_steps from
 # the checkpoint): 2 ranks -> checkpoint-4 -> 1 rank -> its checkpoint-8 -> 2 ranks -> step 12.

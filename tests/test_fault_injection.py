@@ -16,11 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (REPO, assert_clean_error, assert_succeeded, logged_losses, run_deepspeed, run_main_in_process,
-                      script_env, train_flags)
-from dstrain.train.checkpoints import check_free_space, checkpoint_bytes_estimate, checkpoint_folders, incomplete_reason
 from dstrain.errors import UserError
+from dstrain.train.checkpoints import check_free_space, checkpoint_bytes_estimate, checkpoint_folders, incomplete_reason
 from dstrain.train.faults import FAULT_ENV, loss_scale_collapse
+from tests.helpers import (
+    REPO,
+    assert_clean_error,
+    assert_succeeded,
+    logged_losses,
+    run_deepspeed,
+    run_main_in_process,
+    script_env,
+    train_flags,
+)
 
 STEPS, SAVE_EVERY = 12, 2
 

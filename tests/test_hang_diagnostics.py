@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, assert_clean_error, run_job, run_main_in_process, script_env, stale_build_lock
 from dstrain.distributed import STALE_LOCK_MINUTES, check_no_stale_build_locks
 from dstrain.errors import UserError
+from tests.helpers import REPO, assert_clean_error, run_job, run_main_in_process, script_env, stale_build_lock
 
 WAITS_THEN_FINISHES = """
 import sys, time

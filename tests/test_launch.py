@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (REPO, assert_clean_error, assert_succeeded, free_port, logged_losses, run_job, script_env,
-                      stale_build_lock, train_flags)
+from tests.helpers import (
+    REPO,
+    assert_clean_error,
+    assert_succeeded,
+    free_port,
+    logged_losses,
+    run_job,
+    script_env,
+    stale_build_lock,
+    train_flags,
+)
 
 LAUNCH = REPO / "launch"
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process, run_script
 from dstrain.data.records import iter_texts
+from dstrain.data.tokenizer import train_bpe_tokenizer
 from dstrain.errors import UserError
 from dstrain.model.config import PRESET_DIR, check_model_tokenizer_pair, derive_model_config
-from dstrain.data.tokenizer import train_bpe_tokenizer
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process, run_script
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 SMALL_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

@@ -9,14 +9,27 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer, DataCollatorWithPadding, LlamaConfig, LlamaForCausalLM, Trainer
 
-from tests import wandb_offline
-from tests.helpers import REPO, assert_clean_error, assert_succeeded, logged_losses, run_deepspeed, run_main_in_process, train_flags
-from tests.test_pretrain import assert_deepspeed_checkpoint, assert_loads_and_generates
 from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments
 from dstrain.cli import parse_args
 from dstrain.errors import UserError
-from dstrain.train.monitoring import (add_monitoring, load_prompts, matmul_parameter_counts, peak_tflops_for,
-                              training_flops_per_token)
+from dstrain.train.monitoring import (
+    add_monitoring,
+    load_prompts,
+    matmul_parameter_counts,
+    peak_tflops_for,
+    training_flops_per_token,
+)
+from tests import wandb_offline
+from tests.helpers import (
+    REPO,
+    assert_clean_error,
+    assert_succeeded,
+    logged_losses,
+    run_deepspeed,
+    run_main_in_process,
+    train_flags,
+)
+from tests.test_pretrain import assert_deepspeed_checkpoint, assert_loads_and_generates
 
 STEPS, RANKS, BATCH, ACCUMULATION, BLOCK = 4, 2, 4, 2, 64  # BATCH, ACCUMULATION, BLOCK: conftest.train_flags
 TOKENS_PER_STEP = RANKS * BATCH * ACCUMULATION * BLOCK

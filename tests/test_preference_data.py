@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import assert_clean_error, run_main_in_process
 from dstrain.arguments import PreferenceDataArguments
+from dstrain.data.pairs import fit_pair, iter_pairs, preference_datasets, render_pair, transcript_turns
 from dstrain.data.records import BadRecord, ReadStats
 from dstrain.errors import UserError
-from dstrain.data.pairs import fit_pair, iter_pairs, preference_datasets, render_pair, transcript_turns
+from tests.helpers import assert_clean_error, run_main_in_process
 
 
 def user(text):

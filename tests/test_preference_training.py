@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
+from dstrain.infer.scoring import load_reward_model, rewards
 from tests.helpers import REPO, assert_succeeded, run_deepspeed, run_main_in_process
-from dstrain.train.preference import load_reward_model, rewards
 
 STEPS = 16
 APPROVING = "clear correct helpful precise accurate careful useful kind".split()

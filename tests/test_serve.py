@@ -241,8 +241,10 @@ def test_a_client_leaving_mid_stream_leaves_the_server_free(server, client):
 
 def test_the_engine_stops_generating_once_cancelled(models):
     """What a client leaving mid-stream triggers: the request's cancel event ends `generate` early."""
-    from dstrain.infer.generation import Sampling, load_inference_model, text_prompt_ids
     from dstrain.infer.engine import GenerationEngine, GenerationRequest
+    from dstrain.infer.generation import text_prompt_ids
+    from dstrain.infer.model_loading import load_inference_model
+    from dstrain.infer.sampling import Sampling
 
     loaded = load_inference_model(str(models["chat"]))
     engine = GenerationEngine(loaded, max_batch_size=1, max_queue=2).start()

@@ -17,12 +17,20 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tests.helpers import assert_succeeded, run_main_in_process
 from dstrain.arguments import ChatDataArguments
-from dstrain.errors import UserError
 from dstrain.data.chat_template import IGNORE, end_of_turn_id, has_generation_markers, tokenize_conversation
-from dstrain.data.sft import PackedRowsCollator, assistant_spans, fit_to_length, pack_into_rows, packed_rows, sft_collator, sft_datasets
+from dstrain.data.sft import (
+    PackedRowsCollator,
+    assistant_spans,
+    fit_to_length,
+    pack_into_rows,
+    packed_rows,
+    sft_collator,
+    sft_datasets,
+)
 from dstrain.data.tokenizer import CHATML_TEMPLATE
+from dstrain.errors import UserError
+from tests.helpers import assert_succeeded, run_main_in_process
 
 
 def turns(*spec) -> list[dict]:

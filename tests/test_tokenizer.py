@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process, run_script
 from dstrain.data.records import BadRecord, ReadStats, expand_inputs, iter_texts
 from dstrain.data.tokenizer import SPECIAL_TOKENS, train_bpe_tokenizer
+from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process, run_script
 
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 3, "<|im_end|>": 4}
 

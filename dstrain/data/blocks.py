@@ -14,8 +14,14 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dstrain.data.cache import (DataSpec, ProcessedDatasets, length_histogram, list_lengths, processed_datasets,
-                                split_by_marks)
+from dstrain.data.cache import (
+    DataSpec,
+    ProcessedDatasets,
+    length_histogram,
+    list_lengths,
+    processed_datasets,
+    split_by_marks,
+)
 from dstrain.data.records import ReadStats, iter_texts
 from dstrain.distributed import print0
 from dstrain.errors import UserError

@@ -28,6 +28,7 @@ from dstrain.data.chat_template import render
 from dstrain.data.records import ReadStats, read_records
 from dstrain.distributed import print0
 from dstrain.errors import BadRecord, UserError
+
 SIDES = ("chosen", "rejected")
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]*")
 

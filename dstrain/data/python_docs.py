@@ -4,7 +4,6 @@ need no download."""
 
 import random
 import re
-
 from pydoc_data.topics import topics
 
 

@@ -132,10 +132,12 @@ def raise_if_nothing_read(files: list[Path], stats: ReadStats, what: str = "text
 
 
 def read_records(files: list[Path], convert: Callable[[object, str], object], skip_bad_records: bool = False,
-                 stats: ReadStats | None = None, what: str = "records", kinds: tuple[type, ...] = (dict,)) -> Iterator:
+                 stats: ReadStats | None = None, what: str = "records", kinds: tuple[type, ...] = (dict,),
+                 require_some: bool = True) -> Iterator:
     """Yield `convert(record, "file:line")` for every JSON record of every JSONL file (blank lines and
     None results left out); `convert` raises BadRecord naming that place for a record it cannot use.
-    Files with nothing usable in them are an error naming `what` was expected."""
+    Records are JSON objects unless `kinds` admits more. Files with nothing usable in them are an
+    error naming `what` was expected (unless `require_some` is False: the caller says it its way)."""
     stats = stats if stats is not None else ReadStats()
 
     def parse(raw: bytes, path: Path, line_no: int):
@@ -143,7 +145,8 @@ def read_records(files: list[Path], convert: Callable[[object, str], object], sk
         return None if record is None else convert(record, f"{path}:{line_no}")
 
     yield from read_lines(files, parse, skip_bad_records, stats)
-    raise_if_nothing_read(files, stats, what)
+    if require_some:
+        raise_if_nothing_read(files, stats, what)
 
 
 def iter_texts(files: list[Path], text_field: str = "text", skip_bad_records: bool = False,

@@ -8,10 +8,19 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
-from dstrain.data.records import BadRecord, read_lines, parse_json_line
-from dstrain.errors import UserError
-from dstrain.infer.generation import (Completion, InferenceModel, Sampling, chat_prompt_ids, generate_batch, generate_one,
-                              has_chat_template, stop_token_ids, text_prompt_ids)
+from dstrain.data.chat_template import has_chat_template
+from dstrain.data.records import read_records
+from dstrain.errors import BadRecord, UserError
+from dstrain.infer.generation import (
+    Completion,
+    chat_prompt_ids,
+    generate_batch,
+    generate_one,
+    stop_token_ids,
+    text_prompt_ids,
+)
+from dstrain.infer.model_loading import InferenceModel
+from dstrain.infer.sampling import Sampling
 
 ROLES = ("system", "user", "assistant")
 
@@ -142,17 +151,9 @@ def read_questions(path: Path, system: str | None) -> list[Question]:
             raise UserError(f"{path}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
         questions = [_question(record, f"{path}: record {i}", system) for i, record in enumerate(records, start=1)]
     else:
-        def parse(raw_line: bytes, file: Path, line_no: int) -> Question | None:
-            where, line = f"{file}:{line_no}", raw_line.strip()
-            if line.startswith(b'"'):  # a bare JSON string is a question too
-                try:
-                    return _question(json.loads(line.decode("utf-8")), where, system)
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    pass  # parse_json_line names the problem
-            record = parse_json_line(raw_line, file, line_no)
-            return None if record is None else _question(record, where, system)
-
-        questions = list(read_lines([path], parse))
+        # A line is an object or a bare JSON string (a question too).
+        questions = list(read_records([path], lambda record, where: _question(record, where, system),
+                                      kinds=(dict, str), require_some=False))
     if not questions:
         raise UserError(f"{path}: no questions in the file")
     return questions

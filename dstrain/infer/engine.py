@@ -19,7 +19,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dstrain.infer.generation import CallbackStreamer, Completion, InferenceModel, Sampling, generate_batch, stop_token_ids
+from dstrain.infer.generation import CallbackStreamer, Completion, generate_batch, stop_token_ids
+from dstrain.infer.model_loading import InferenceModel
+from dstrain.infer.sampling import Sampling
 
 
 class EngineBusy(Exception):

@@ -1,158 +1,22 @@
-"""Generation with transformers' `generate` (KV cache on): loading a model folder, or a PEFT adapter
-folder on its base, with any number of named LoRA adapters; sampling settings; chat or plain prompts;
-batched generation with left padding; streaming through transformers' streamers.
+"""Generation with transformers' `generate` (KV cache on): chat or plain prompts, one left-padded batch
+per call (each row with its own max_new_tokens and LoRA adapter), stop tokens and stop strings, and
+streaming through transformers' streamers.
 
-Shared by generate.py, chat.py, serve.py (dstrain/infer/engine.py) and the demo.
+Shared by generate.py, chat.py (dstrain/infer/chat_session.py) and serve.py (dstrain/infer/engine.py).
 """
 
 import threading
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from dstrain.errors import UserError
-from dstrain.model.adapters import adapter_base, is_adapter_folder
-from dstrain.model.loading import context_length, load_tokenizer
 from dstrain.data.chat_template import end_of_turn_id, has_chat_template, render
+from dstrain.errors import UserError
+from dstrain.infer.model_loading import InferenceModel
+from dstrain.infer.sampling import Sampling
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
-
-
-# ===== sampling settings =====
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to pick tokens; the same fields for the CLI flags, batch answers and the server."""
-    max_new_tokens: int = 128
-    temperature: float = 0.7  # 0 means greedy
-    top_k: int = 0  # 0 means off
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = 0  # None: not reseeded (a server's default, so concurrent requests differ)
-    stop: tuple[str, ...] = ()  # extra stop strings (OpenAI's `stop`), cut from the text
-    ignore_eos: bool = False  # always generate max_new_tokens (vLLM's flag; benchmarks use it)
-
-    def problem(self) -> tuple[str, str] | None:
-        """(field, what is wrong) for the first out-of-range value, or None."""
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
-            ("temperature", 0 <= self.temperature <= 100, "must be between 0 (greedy) and 100"),
-            ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be positive (1 is off)"),
-            ("stop", all(self.stop) and len(self.stop) <= 4, "takes at most 4 non-empty strings"),
-        ]
-        return next(((name, message) for name, ok, message in checks if not ok), None)
-
-    def check(self) -> "Sampling":
-        if (problem := self.problem()) is not None:
-            raise UserError(f"--{problem[0]}: {problem[1]}, got {getattr(self, problem[0])}")
-        return self
-
-    def batch_key(self) -> tuple:
-        """Requests whose keys match can share one `generate` call (each keeps its own max_new_tokens)."""
-        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed, self.stop,
-                self.ignore_eos)
-
-    def generate_kwargs(self) -> dict:
-        kwargs = {"repetition_penalty": self.repetition_penalty}
-        if self.temperature == 0:
-            return kwargs | {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-        return kwargs | {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
-
-    def describe(self) -> dict:
-        return asdict(self) | {"stop": list(self.stop)}
-
-
-def add_sampling_flags(parser, max_new_tokens: int = 128, temperature: float = 0.7) -> None:
-    """The sampling flags every inference command takes."""
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 means greedy decoding")
-    parser.add_argument("--top_k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
-    parser.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling (1: off)")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="above 1 discourages repeats (1: off)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def sampling_from_args(args) -> Sampling:
-    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed).check()
-
-
-# ===== loading =====
-
-@dataclass
-class InferenceModel:
-    """A model ready to generate: plain, or a PeftModel holding named adapters over one base."""
-    model: object
-    tokenizer: object
-    adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> folder
-    context: int | None = None
-    main_adapter: str | None = None  # the adapter --model named, when it was an adapter folder
-
-    @property
-    def has_adapters(self) -> bool:
-        return bool(self.adapters)
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {requested}: no CUDA GPU is visible")
-    return torch.device(requested)
-
-
-def load_inference_model(model_dir: str, base: str | None = None, adapters: dict[str, str] | None = None,
-                         device: str = "auto", trust_remote_code: bool = False) -> InferenceModel:
-    """`model_dir` is a model folder or a PEFT adapter folder (loaded on `base`, or the base its config
-    names); `adapters` adds named LoRA adapters over the same base, chosen per row at generation time."""
-    adapters, main_adapter = dict(adapters or {}), None
-    if not Path(model_dir).exists():
-        raise UserError(f"--model: not found: {model_dir}")
-    if is_adapter_folder(model_dir):
-        main_adapter = Path(model_dir).resolve().name
-        if main_adapter in adapters:
-            raise UserError(f"--lora {main_adapter}: the name is taken by --model {model_dir}; choose another")
-        adapters = {main_adapter: model_dir} | adapters
-        base = base or adapter_base(model_dir)
-        # lora.py saves the tokenizer (and its chat template) beside the adapter
-        tokenizer_dir = model_dir if (Path(model_dir) / "tokenizer_config.json").is_file() else base
-    else:
-        base, tokenizer_dir = base or model_dir, model_dir
-    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
-    target = pick_device(device)
-    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load a model from {base}: {str(error).splitlines()[0]}") from None
-    if is_adapter_folder(model_dir) and (Path(model_dir) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(model_dir)  # lora.py's chat stop tokens
-    model = _attach_adapters(model, adapters)
-    model.to(target).eval()
-    return InferenceModel(model, tokenizer, adapters, context_length(model.config), main_adapter)
-
-
-def _attach_adapters(model, adapters: dict[str, str]):
-    if not adapters:
-        return model
-    from peft import PeftModel
-
-    for name, folder in adapters.items():
-        if not is_adapter_folder(folder):
-            raise UserError(f"--lora {name}={folder}: no adapter_config.json there "
-                            "(a PEFT adapter folder from lora.py)")
-    try:
-        (first_name, first_dir), *others = adapters.items()
-        model = PeftModel.from_pretrained(model, first_dir, adapter_name=first_name)
-        for name, folder in others:
-            model.load_adapter(folder, adapter_name=name)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise UserError(f"cannot load the LoRA adapters {', '.join(adapters)}: {str(error).splitlines()[0]}") from None
-    return model
 
 
 # ===== prompts =====
@@ -237,14 +101,6 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder-only model continues from the last position of each row, so batches pad on the left."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
-    return input_ids, attention_mask
-
-
 @torch.inference_mode()
 def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: Sampling, stop_ids: list[int],
                    max_new_tokens: list[int] | None = None, adapter_names: list[str] | None = None,
@@ -253,8 +109,9 @@ def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: S
     and, over a PeftModel, its own adapter (PEFT's mixed-adapter batches; BASE_ADAPTER for none)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     limits = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = left_padded(prompts, pad_id, model.device)
+    pad_id = tokenizer.pad_token_id  # eos where the tokenizer has none (load_inference_model)
+    # A decoder-only model continues from the last position of each row, so batches pad on the left.
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     extra = {"adapter_names": adapter_names} if loaded.has_adapters and adapter_names else {}
@@ -264,12 +121,11 @@ def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: S
         extra["min_new_tokens"] = max(limits)
     if sampling.stop:  # end each row at its stop string rather than at max_new_tokens
         extra |= {"stop_strings": list(sampling.stop), "tokenizer": tokenizer}
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(limits),
-                            eos_token_id=stop_ids, pad_token_id=pad_id, streamer=streamer,
-                            **sampling.generate_kwargs(), **extra)
+    output = model.generate(**padded, max_new_tokens=max(limits), eos_token_id=stop_ids, pad_token_id=pad_id,
+                            streamer=streamer, **sampling.generate_kwargs(), **extra)
     completions = []
     for row, (prompt, limit) in enumerate(zip(prompts, limits)):
-        new = output[row, input_ids.shape[1]:].tolist()[:limit]
+        new = output[row, padded["input_ids"].shape[1]:].tolist()[:limit]
         ends = [] if sampling.ignore_eos else [i for i, token in enumerate(new) if token in stop_ids]
         new = new[:ends[0] + 1] if ends else new
         text_filter = StopTextFilter(sampling.stop)

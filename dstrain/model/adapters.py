@@ -1,11 +1,17 @@
 """LoRA and QLoRA through PEFT: wrapping a model, checking target modules, 4-bit loading, and loading
 a saved adapter on its base."""
 
-import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import (
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForSequenceClassification,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from dstrain.distributed import print0
@@ -88,13 +94,18 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def adapter_base(adapter_dir: str | Path) -> str:
-    """The base model an adapter folder names (as lora.py wrote it), checked to exist."""
+def adapter_config(adapter_dir: str | Path) -> PeftConfig:
+    """An adapter folder's settings as PEFT reads them (base model, task type, rank)."""
     config = Path(adapter_dir) / "adapter_config.json"
     try:
-        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as error:
+        return PeftConfig.from_pretrained(str(adapter_dir))
+    except (OSError, ValueError, TypeError, KeyError) as error:
         raise UserError(f"{config}: not a readable adapter config ({error})") from None
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model an adapter folder names (as lora.py wrote it), checked to exist."""
+    config, base = Path(adapter_dir) / "adapter_config.json", adapter_config(adapter_dir).base_model_name_or_path
     if not base:
         raise UserError(f"{config} names no base model: pass --base")
     if not Path(base).exists():
@@ -107,12 +118,14 @@ def load_adapter_model(adapter, base: str | None = None) -> tuple[PeftModel, str
     base's path: a causal LM (lora.py, dpo.py) or a one-score reward model (reward.py, task SEQ_CLS)."""
     if not is_adapter_folder(adapter):
         raise UserError(f"{adapter}: no adapter_config.json (is it a PEFT adapter folder from lora.py?)")
-    base = base or adapter_base(adapter)
+    reward_model = adapter_config(adapter).task_type == "SEQ_CLS"
+    one_score = {"num_labels": 1} if reward_model else {}
+    if base is None:
+        auto_class = AutoPeftModelForSequenceClassification if reward_model else AutoPeftModelForCausalLM
+        base = adapter_base(adapter)
+        # An absolute path: PEFT's Hub lookup of a tokenizer beside the adapter rejects it without the network.
+        return auto_class.from_pretrained(str(Path(adapter).resolve()), **one_score), base
     if not Path(base).exists():
         raise UserError(f"base model {base} not found")
-    settings = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-    if settings.get("task_type") == "SEQ_CLS":
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base)
-    return PeftModel.from_pretrained(model, str(adapter)), base
+    base_class = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+    return PeftModel.from_pretrained(base_class.from_pretrained(base, **one_score), str(adapter)), base
