@@ -9,7 +9,12 @@ import pytest
 from dstrain.data.python_docs import documentation_chats, documentation_texts
 from dstrain.data.records import iter_texts
 from dstrain.data.tokenizer import train_bpe_tokenizer
-from tests.helpers import REPO, assert_succeeded, run_deepspeed, run_main_in_process, train_flags
+from tests.helpers import REPO, Tier, assert_succeeded, run_deepspeed, run_main_in_process, train_flags
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    Tier.slow = item.get_closest_marker("slow") is not None
 
 
 @pytest.fixture(scope="session")

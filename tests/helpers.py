@@ -30,6 +30,20 @@ def script_env(**extra) -> dict:
     return env
 
 
+class Tier:
+    """Whether the running test is marked slow (conftest sets it before each test's set-up)."""
+
+    slow = True
+
+
+def require_slow(what: str) -> None:
+    """The fast tier (`-m "not slow"`) starts no DeepSpeed ranks and no server: a test, or a fixture
+    it uses, that does must be marked slow, or it fails here instead of slowing the tier down."""
+    if not Tier.slow:
+        pytest.fail(f"this test {what}: mark it @pytest.mark.slow (the fast tier starts no DeepSpeed ranks "
+                    "and no server)", pytrace=False)
+
+
 def run_job(command, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
     """Run a command (and whatever it starts: DeepSpeed's launcher starts one process per rank) to
     its end, output captured. One that overstays `timeout` fails the test with each rank's Python
@@ -123,6 +137,7 @@ def free_port() -> int:
 
 def run_deepspeed(script, *args, ranks=2, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N script ...`: N CPU ranks here, N GPUs where there are some."""
+    require_slow("starts DeepSpeed ranks")
     command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
     return run_job(command, cwd=cwd, timeout=timeout, env=env)
 

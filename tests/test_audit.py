@@ -404,6 +404,7 @@ def test_sft_stops_before_training_on_a_failed_audit(tmp_path, base_model, bad_c
     assert not (output_dir / "trainer_state.json").exists() and not list(output_dir.glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_two_ranks_under_zero3_both_stop_on_a_failed_audit(tmp_path, base_model, bad_chats):
     """Every rank audits (ZeRO-3 gathers the embedding on all of them) and all exit 2, rank 0 with the
     one line, the other quietly; the subprocess timeout would catch a rank left waiting."""

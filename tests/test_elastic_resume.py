@@ -77,6 +77,7 @@ def elastic_chain(request, tmp_path_factory, tokenizer_dir, docs_corpus, cache_d
     return full_dir, workdir, one_rank, two_ranks
 
 
+@pytest.mark.slow
 def test_two_ranks_to_one_keeps_the_global_batch_and_continues_the_run(elastic_chain):
     full_dir, workdir, one_rank, _ = elastic_chain
     assert f"checkpoint-{FIRST_SAVE} was written by 2 ranks; this run has 1" in one_rank.stdout
@@ -92,6 +93,7 @@ def test_two_ranks_to_one_keeps_the_global_batch_and_continues_the_run(elastic_c
     assert len(list(saved.glob("*optim_states.pt"))) == 1
 
 
+@pytest.mark.slow
 def test_one_rank_back_to_two_recomputes_accumulation_again(elastic_chain):
     full_dir, workdir, _, two_ranks = elastic_chain
     assert f"checkpoint-{SECOND_SAVE} was written by 1 ranks; this run has 2" in two_ranks.stdout
@@ -113,6 +115,7 @@ def test_a_global_batch_that_cannot_be_kept_names_the_choices():
         accumulation_for(16, 1, 3)
 
 
+@pytest.mark.slow
 def test_the_conversion_command_writes_beside_the_shards_and_is_reused(zero3_run, tmp_path):
     full_dir, _ = zero3_run
     checkpoint = tmp_path / f"checkpoint-{FIRST_SAVE}"

@@ -74,6 +74,7 @@ def chain(tmp_path_factory, flags):
     return output_dir, results
 
 
+@pytest.mark.slow
 def test_every_fault_ends_its_run_and_the_next_run_resumes_from_the_last_complete_checkpoint(chain):
     output_dir, results = chain
     for (fault, _, _), result in zip(CHAIN, results):
@@ -96,6 +97,7 @@ def test_every_fault_ends_its_run_and_the_next_run_resumes_from_the_last_complet
     print(f"{KILLS} SIGKILLs + {len(CHAIN) - KILLS} NaN stops, {len(CHAIN)} resumes: all passed")
 
 
+@pytest.mark.slow
 def test_the_resumed_chain_matches_the_uninterrupted_run(chain, uninterrupted):
     """Same global step, and every step's loss equal: the data order and the optimizer state carried over."""
     output_dir, _ = chain
@@ -107,6 +109,7 @@ def test_the_resumed_chain_matches_the_uninterrupted_run(chain, uninterrupted):
         assert resumed[step] == pytest.approx(full[step], abs=1e-4), (step, full, resumed)
 
 
+@pytest.mark.slow
 def test_rotation_kept_only_complete_checkpoints_and_set_the_broken_ones_aside(chain):
     output_dir, _ = chain
     assert [p.name for p in checkpoint_folders(output_dir)] == [f"checkpoint-{STEPS}"]
@@ -117,6 +120,7 @@ def test_rotation_kept_only_complete_checkpoints_and_set_the_broken_ones_aside(c
         assert not (folder / "trainer_state.json").exists()  # each was really cut short
 
 
+@pytest.mark.slow
 def test_the_disk_estimate_covers_a_real_checkpoint(chain):
     """checkpoint_bytes_estimate against the bytes of the chain's last real ZeRO-2 checkpoint."""
     from transformers import AutoModelForCausalLM

@@ -17,6 +17,7 @@ from tests.helpers import (
     assert_succeeded,
     free_port,
     logged_losses,
+    require_slow,
     run_job,
     script_env,
     stale_build_lock,
@@ -33,6 +34,7 @@ def launcher_env(**extra) -> dict:
 
 
 def run_launcher(script, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    require_slow("runs a launch script")
     return run_job(["bash", LAUNCH / script, *args], timeout=timeout, env=env or launcher_env())
 
 
@@ -55,6 +57,7 @@ exit $status
 """
 
 
+@pytest.mark.slow
 def test_slurm_script_runs_two_nodes_that_match_one_node_of_two(tmp_path, flags, zero2_run):
     """slurm.sbatch run as SLURM would run it on a 2-node allocation (a stand-in srun, no scontrol):
     it derives nodes, master and ranks and starts launch/no_ssh.sh once per node, so this is also the
@@ -72,6 +75,7 @@ def test_slurm_script_runs_two_nodes_that_match_one_node_of_two(tmp_path, flags,
     assert logged_losses(output_dir) == pytest.approx(logged_losses(single_node_dir), abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, fragment", [
     ("missing_entry", "entry script not found"),
     ("contradicting_config", "train_batch_size is 64"),
@@ -104,6 +108,7 @@ def test_preflight_refuses_a_job_that_cannot_work(tmp_path, flags, setup, fragme
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow
 def test_single_node_logs_each_rank_and_a_killed_rank_ends_the_job_promptly(tmp_path, flags):
     """single_node.sh keeps a log per rank; SIGKILL one rank mid-run: the launcher stops the other and
     exits non-zero within seconds."""

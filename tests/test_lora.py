@@ -59,6 +59,7 @@ def lora_run(request, tmp_path_factory, base_model, small_sets):
     return output_dir, result, request.param
 
 
+@pytest.mark.slow
 def test_loss_falls_and_only_adapters_train(lora_run):
     """Loss on a fixed held-out pass falls at every evaluation (the base here is a random tiny model
     whose frozen 0.02-scale embeddings bound how fast any adapter can move its logits)."""
@@ -73,6 +74,7 @@ def test_loss_falls_and_only_adapters_train(lora_run):
     assert evals[-1] < evals[0] - 0.05, evals
 
 
+@pytest.mark.slow
 def test_output_is_a_standard_peft_adapter_with_the_tokenizer(lora_run):
     from safetensors.torch import load_file
 
@@ -109,6 +111,7 @@ print("MATCH", (merged - adapted).abs().max().item())
 """
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_a_fresh_process_and_merges_to_the_same_logits(lora_run, base_model, tmp_path):
     output_dir, _, _ = lora_run
     merged = tmp_path / "merged"
@@ -120,6 +123,7 @@ def test_adapter_loads_in_a_fresh_process_and_merges_to_the_same_logits(lora_run
     assert "MATCH" in check.stdout
 
 
+@pytest.mark.slow
 def test_resumed_lora_run_repeats_the_uninterrupted_losses(lora_run, tmp_path, base_model, small_sets):
     """From the mid-run checkpoint, the adapter run continues at the right step with the same data order."""
     full_dir, _, (stage_config, stage, targets) = lora_run
@@ -161,6 +165,7 @@ def test_qlora_without_a_gpu_is_refused_in_one_line(tmp_path, base_model, chat_f
     assert_clean_error(result, "--quantization_bit 4", "needs a CUDA GPU")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA's 4-bit kernels need a CUDA GPU")
 def test_qlora_trains_on_a_gpu(tmp_path, base_model, chat_file):
     output_dir = tmp_path / "qlora"

@@ -56,6 +56,7 @@ def wandb_run(tmp_path_factory, tokenizer_dir, docs_corpus):
     return output_dir, result, run_file
 
 
+@pytest.mark.slow
 def test_zero3_offload_trains_and_reports_to_wandb_offline(wandb_run):
     """ds_configs/zero3_offload.json (optimizer and parameters in CPU memory) runs end to end, and
     --report_to wandb (offline here) keeps its run files beside the checkpoints."""
@@ -69,6 +70,7 @@ def training_rows(run_file) -> dict[int, dict]:
     return {int(row["train/global_step"]): row for row in wandb_offline.logged_rows(run_file) if "train/loss" in row}
 
 
+@pytest.mark.slow
 def test_throughput_mfu_and_memory_reach_wandb_at_every_logging_step(wandb_run):
     output_dir, _, run_file = wandb_run
     rows = training_rows(run_file)
@@ -91,6 +93,7 @@ def test_throughput_mfu_and_memory_reach_wandb_at_every_logging_step(wandb_run):
     assert [e["tokens_seen"] for e in history] == [s * TOKENS_PER_STEP for s in range(1, STEPS + 1)]
 
 
+@pytest.mark.slow
 def test_eval_perplexity_is_logged_beside_eval_loss(wandb_run):
     _, _, run_file = wandb_run
     evals = [row for row in wandb_offline.logged_rows(run_file) if "eval/loss" in row]
@@ -99,6 +102,7 @@ def test_eval_perplexity_is_logged_beside_eval_loss(wandb_run):
         assert row["eval/perplexity"] == pytest.approx(math.exp(row["eval/loss"]))
 
 
+@pytest.mark.slow
 def test_sample_generations_are_a_wandb_table_and_printed_once(wandb_run):
     _, result, run_file = wandb_run
     tables = [row for row in wandb_offline.logged_rows(run_file) if "samples/generations/path" in row]
@@ -113,6 +117,7 @@ def test_sample_generations_are_a_wandb_table_and_printed_once(wandb_run):
     assert result.stdout.count("Samples at step") == 2
 
 
+@pytest.mark.slow
 def test_the_run_config_holds_every_argument_and_the_resolved_deepspeed_config(wandb_run):
     _, _, run_file = wandb_run
     config = wandb_offline.config(run_file)
@@ -131,6 +136,7 @@ def test_the_run_config_holds_every_argument_and_the_resolved_deepspeed_config(w
         "dstrain-tests", "tiny-offload", "monitoring", ["ci", "zero3"])
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_of_the_real_run(wandb_run, tmp_path):
     output_dir, _, _ = wandb_run
     result = run_main_in_process("plot.py", output_dir / "trainer_state.json", "-o", tmp_path / "curves.png")

@@ -114,10 +114,12 @@ def check_training(run, accuracy: str, margin: str) -> None:
         assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+@pytest.mark.slow
 def test_reward_model_reaches_high_held_out_pairwise_accuracy(reward_run):
     check_training(reward_run, "eval_accuracy", "eval_margin")
 
 
+@pytest.mark.slow
 def test_dpo_reaches_high_held_out_reward_accuracy(dpo_run):
     check_training(dpo_run, "eval_rewards/accuracies", "eval_rewards/margins")
 
@@ -152,6 +154,7 @@ def plain_model_dir(name, output_dir, tmp_path):
     return merged
 
 
+@pytest.mark.slow
 def test_saved_reward_model_loads_without_this_project_and_scores_like_the_score_command(reward_run, preference_files,
                                                                                         tmp_path):
     name, output_dir, _ = reward_run
@@ -180,6 +183,7 @@ def test_saved_reward_model_loads_without_this_project_and_scores_like_the_score
     assert summary["accuracy"] == wins / 40 >= 0.9
 
 
+@pytest.mark.slow
 def test_score_is_read_at_the_last_real_token_whatever_the_padding(reward_run):
     _, output_dir, _ = reward_run
     model, tokenizer = load_reward_model(str(output_dir))
@@ -214,6 +218,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_dpo_policy_prefers_the_chosen_kind_of_reply_more_than_its_reference(dpo_run, base_model, tmp_path):
     name, output_dir, _ = dpo_run
     policy = plain_model_dir(name, output_dir, tmp_path)

@@ -47,6 +47,7 @@ def assert_loads_and_generates(model_dir: Path) -> None:
     assert "GENERATED 'The for statement" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["zero2_run", "zero3_run"])
 def test_two_rank_run_learns_checkpoints_and_saves_a_plain_hf_model(run, request):
     output_dir, result = request.getfixturevalue(run)
@@ -61,6 +62,7 @@ def test_two_rank_run_learns_checkpoints_and_saves_a_plain_hf_model(run, request
     assert_loads_and_generates(output_dir)
 
 
+@pytest.mark.slow
 def test_both_ranks_took_part(zero2_run):
     """2 ranks * 4 sequences * 2 accumulation = 16 blocks per step: the epoch count proves the world size."""
     output_dir, result = zero2_run
@@ -70,6 +72,7 @@ def test_both_ranks_took_part(zero2_run):
     assert "Initialised a new llama model" in result.stdout
 
 
+@pytest.mark.slow
 def test_zero3_checkpoint_reconstructs_the_saved_weights(zero3_run):
     """DeepSpeed's own zero_to_fp32 tool rebuilds, from the sharded checkpoint, the weights the final save gathered."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -1,17 +1,21 @@
-"""pretrain.py refuses bad input with one clear line, a non-zero exit and no traceback."""
+"""pretrain.py refuses bad input with one clear line, a non-zero exit and no traceback (run in this
+process, as `python pretrain.py` would run, but without an interpreter start each; the 2-rank cases
+are real DeepSpeed jobs)."""
 
 import json
 from pathlib import Path
 
-from tests.helpers import REPO, assert_clean_error, run_deepspeed, run_script
+import pytest
+
+from tests.helpers import REPO, assert_clean_error, run_deepspeed, run_main_in_process
 
 QUICK = ["--config_name", "tiny", "--block_size", "32", "--per_device_train_batch_size", "2",
          "--max_steps", "2", "--report_to", "none", "--validation_split_percentage", "0"]
 
 
 def pretrain(tmp_path, tokenizer_dir, *flags):
-    return run_script("pretrain.py", "--tokenizer_name", tokenizer_dir, "--output_dir", tmp_path / "out",
-                      "--data_cache_dir", tmp_path / "cache", *flags)
+    return run_main_in_process("pretrain.py", "--tokenizer_name", tokenizer_dir, "--output_dir", tmp_path / "out",
+                               "--data_cache_dir", tmp_path / "cache", *flags)
 
 
 def write_lines(path: Path, *lines: str | bytes) -> Path:
@@ -34,9 +38,9 @@ def test_model_and_tokenizer_that_disagree(tmp_path, tokenizer_dir, base_model, 
     other = AutoTokenizer.from_pretrained(tokenizer_dir)
     other.add_tokens([f"extra{i}" for i in range(50)])
     other.save_pretrained(tmp_path / "bigger_tok")
-    result = run_script("pretrain.py", "--model_name_or_path", base_model, "--tokenizer_name",
-                        tmp_path / "bigger_tok", "--train_files", docs_corpus, "--output_dir", tmp_path / "out",
-                        "--max_steps", "1", "--report_to", "none")
+    result = run_main_in_process("pretrain.py", "--model_name_or_path", base_model, "--tokenizer_name",
+                                 tmp_path / "bigger_tok", "--train_files", docs_corpus, "--output_dir",
+                                 tmp_path / "out", "--max_steps", "1", "--report_to", "none")
     assert_clean_error(result, "vocab_size 1000", "1050 tokens")
 
 
@@ -88,6 +92,7 @@ def test_unknown_flag(tmp_path, tokenizer_dir, docs_corpus):
     assert_clean_error(result, "--learning_rat")
 
 
+@pytest.mark.slow
 def test_deepspeed_config_contradicting_the_flags_on_two_ranks(tmp_path, tokenizer_dir, docs_corpus):
     config = json.loads((REPO / "ds_configs/zero2.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 8
@@ -97,6 +102,7 @@ def test_deepspeed_config_contradicting_the_flags_on_two_ranks(tmp_path, tokeniz
     assert_clean_error(result, "ds.json", "train_micro_batch_size_per_gpu=8", "per_device_train_batch_size=2")
 
 
+@pytest.mark.slow
 def test_bad_corpus_on_two_ranks_stops_every_rank_cleanly(tmp_path, tokenizer_dir):
     corpus = write_lines(tmp_path / "bad.jsonl", good_record(1), good_record(2), "not json")
     result = run_deepspeed("pretrain.py", "--deepspeed", REPO / "ds_configs/zero2.json", "--tokenizer_name",

@@ -17,7 +17,15 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from transformers import AutoTokenizer
 
-from tests.helpers import REPO, assert_clean_error, free_port, import_script, run_main_in_process, script_env
+from tests.helpers import (
+    REPO,
+    assert_clean_error,
+    free_port,
+    import_script,
+    require_slow,
+    run_main_in_process,
+    script_env,
+)
 from tests.tiny_chat_models import NAME_QUESTION, QUESTION, REPLIES, chat, trained_models
 
 KEY = "test-key-123"
@@ -32,6 +40,7 @@ def models(tmp_path_factory, base_model):
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     """serve.py with the chat model and both adapters, an API key and a queue of MAX_QUEUE."""
+    require_slow("starts serve.py")
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, str(REPO / "serve.py"), "--model", models["chat"],
@@ -78,16 +87,19 @@ def listening_addresses(port: int) -> set[str]:
     return addresses
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
 def test_it_listens_on_loopback_only_by_default(server):
     assert listening_addresses(int(server.rsplit(":", 1)[1])) == {"127.0.0.1"}
 
 
+@pytest.mark.slow
 def test_models_are_listed(client):
     assert sorted(model.id for model in client.models.list()) == ["chat", "pirate", "terse"]
     assert client.models.retrieve("pirate").id == "pirate"
 
 
+@pytest.mark.slow
 def test_chat_completion_answers_and_counts_tokens(client, models):
     response = ask(client)
     choice = response.choices[0]
@@ -102,6 +114,7 @@ def test_chat_completion_answers_and_counts_tokens(client, models):
     assert response.object == "chat.completion" and response.model == "chat"
 
 
+@pytest.mark.slow
 def test_streaming_sends_the_reply_in_pieces(client):
     stream = ask(client, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -113,12 +126,14 @@ def test_streaming_sends_the_reply_in_pieces(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ask(client).usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_each_lora_adapter_is_its_own_model(client):
     """The same question through the base and each adapter: each gives what it was trained to."""
     answers = {name: ask(client, name).choices[0].message.content for name in ("chat", "pirate", "terse")}
     assert answers == {"chat": REPLIES["base"], "pirate": REPLIES["pirate"], "terse": REPLIES["terse"]}
 
 
+@pytest.mark.slow
 def test_history_reaches_the_model(client):
     history = chat(("user", "My name is Ada."), ("assistant", "Hello Ada."), ("user", NAME_QUESTION))
     with_history = client.chat.completions.create(model="chat", messages=history, temperature=0)
@@ -127,6 +142,7 @@ def test_history_reaches_the_model(client):
     assert alone.choices[0].message.content == "I do not know."
 
 
+@pytest.mark.slow
 def test_sampling_settings_take_effect(client):
     seeded = [ask(client, temperature=1.5, seed=7, max_tokens=12).choices[0].message.content for _ in range(2)]
     assert seeded[0] == seeded[1]
@@ -140,6 +156,7 @@ def test_sampling_settings_take_effect(client):
     assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (3, "length")
 
 
+@pytest.mark.slow
 def test_completions_continue_plain_text(client, models):
     tokenizer = AutoTokenizer.from_pretrained(models["chat"])
     rendered = tokenizer.apply_chat_template(chat(("user", QUESTION)), add_generation_prompt=True, tokenize=False)
@@ -154,6 +171,7 @@ def test_completions_continue_plain_text(client, models):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == REPLIES["base"]
 
 
+@pytest.mark.slow
 def test_api_key_is_required(server):
     no_key = httpx.get(f"{server}/v1/models")
     assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
@@ -163,6 +181,7 @@ def test_api_key_is_required(server):
     assert httpx.get(f"{server}/health").status_code == 200  # the health check needs no key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, status, param", [
     ({"model": "nope"}, 404, "model"),
     ({"messages": [{"role": "robot", "content": "Hi"}]}, 400, "messages.0.role"),
@@ -185,12 +204,14 @@ def test_bad_requests_get_openai_shaped_errors(client, server, change, status, p
     assert (error["code"] == "model_not_found") == (status == 404)
 
 
+@pytest.mark.slow
 def test_malformed_json_is_a_400(server):
     response = httpx.post(f"{server}/v1/chat/completions", content=b'{"model": "chat", "messages": [',
                           headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.slow
 def test_a_burst_gets_answers_or_clean_429s_and_the_server_lives_on(server, client):
     """A long request holds the worker; a burst of 12 mixed requests then finds room for at most
     MAX_QUEUE - 1. Every answer is right for its model; the rest are 429s the client raises as such."""
@@ -227,6 +248,7 @@ def test_a_burst_gets_answers_or_clean_429s_and_the_server_lives_on(server, clie
     assert ask(client).choices[0].message.content == REPLIES["base"]
 
 
+@pytest.mark.slow
 def test_a_client_leaving_mid_stream_leaves_the_server_free(server, client):
     stream = client.completions.create(model="chat", prompt="The", max_tokens=400, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})

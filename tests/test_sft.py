@@ -1,12 +1,15 @@
 """sft.py end to end: real 2-rank DeepSpeed runs (CPU ranks here) of chat SFT on a tiny model."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import REPO, assert_succeeded, run_deepspeed, run_script
+from tests.helpers import REPO, assert_succeeded, run_deepspeed, run_main_in_process
 
 STEPS = 12
 
@@ -23,27 +26,43 @@ def sft_run(base_model, chat_file, output_dir, stage: int, packing: bool):
     )
 
 
+QUESTION = "What does str.upper() do?"
+# Plain transformers, no dstrain: the saved folder must chat for anyone who loads it.
 CHAT_IN_A_FRESH_PROCESS = """
-import sys, torch
+import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[1]); model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-messages = [{"role": "user", "content": "What does str.upper() do?"}]
+messages = [{"role": "user", "content": sys.argv[2]}]
 inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-new = out[0, inputs["input_ids"].shape[1]:]
-assert len(new) > 0
-assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
-print("REPLY", repr(tok.decode(new)))
+new = out[0, inputs["input_ids"].shape[1]:].tolist()
+print(json.dumps({"ids": new, "text": tok.decode(new, skip_special_tokens=True),
+                  "stops": model.generation_config.eos_token_id}))
 """
+DATA_LINE = re.compile(r"Data: (train|validation) ([\d,]+) (packed rows of at most 128|conversations), "
+                       r"([\d,]+) tokens, ([\d,]+) of them trained")
 
 
+def number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, packing", [(3, True), (2, False)], ids=["zero3-packed", "zero2-padded"])
 def test_two_rank_sft_learns_and_the_result_chats(tmp_path, base_model, chat_file, stage, packing):
     output_dir = tmp_path / "out"
     result = sft_run(base_model, chat_file, output_dir, stage, packing)
     assert_succeeded(result)
-    shape = "packed rows of at most 128" if packing else "conversations"
-    assert "Data: train" in result.stdout and shape in result.stdout
+    # What the run says it will train: every kept conversation in one split or the other, packed into
+    # fewer rows when packing, and only part of each row's tokens trained (the assistant replies).
+    kept = number(re.search(r"Conversations: ([\d,]+) kept", result.stdout).group(1))
+    splits = {name: (number(rows), shape, number(tokens), number(trained))
+              for name, rows, shape, tokens, trained in DATA_LINE.findall(result.stdout)}
+    assert set(splits) == {"train", "validation"}, result.stdout[-3000:]
+    rows = sum(count for count, _, _, _ in splits.values())
+    assert rows < kept if packing else rows == kept
+    assert {shape for _, shape, _, _ in splits.values()} == {"packed rows of at most 128" if packing else "conversations"}
+    assert all(0 < trained < tokens for _, _, tokens, trained in splits.values())
 
     state = json.loads((output_dir / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -54,14 +73,28 @@ def test_two_rank_sft_learns_and_the_result_chats(tmp_path, base_model, chat_fil
 
     saved = json.loads((output_dir / "generation_config.json").read_text())
     assert saved["eos_token_id"] == [4, 2]  # <|im_end|> ends a turn, </s> a document
-    chat = subprocess.run([sys.executable, "-c", CHAT_IN_A_FRESH_PROCESS, str(output_dir)], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=300)
+    chat = subprocess.run([sys.executable, "-c", CHAT_IN_A_FRESH_PROCESS, str(output_dir), QUESTION],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert chat.returncode == 0, chat.stderr[-3000:]
-    assert "REPLY" in chat.stdout
+    reply = json.loads(chat.stdout.splitlines()[-1])
+    assert reply["stops"] == [4, 2] and reply["ids"]
+    # generate.py's chat path (our template rendering, stop tokens and decoding) gives the same reply.
+    ours = run_main_in_process("generate.py", "--model", output_dir, "--chat", QUESTION, "--max_new_tokens", "12",
+                               "--temperature", "0")
+    assert_succeeded(ours)
+    assert ours.stdout == f"user: {QUESTION}\nassistant: {reply['text'].strip()}\n"
 
 
 def test_generate_chat_command_answers_one_turn(tmp_path, base_model):
-    result = run_script("generate.py", "--model", base_model, "--chat", "What does str.upper() do?",
-                        "--max_new_tokens", "5", "--temperature", "0")
+    """The reply is the model's own greedy continuation of the chat-rendered question, ended at the
+    end of a turn (<|im_end|>, 4) or eos, as transformers computes it directly."""
+    result = run_main_in_process("generate.py", "--model", base_model, "--chat", QUESTION, "--max_new_tokens", "5",
+                                 "--temperature", "0")
     assert_succeeded(result)
-    assert result.stdout.startswith("user: What does str.upper() do?\nassistant:")
+    tokenizer, model = AutoTokenizer.from_pretrained(base_model), AutoModelForCausalLM.from_pretrained(base_model)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=[4, 2])
+    expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert result.stdout == f"user: {QUESTION}\nassistant: {expected}\n"
