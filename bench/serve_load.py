@@ -28,6 +28,7 @@ import httpx
 from openai import AsyncOpenAI
 
 from dstrain.data.python_docs import documentation_chats, documentation_texts
+from dstrain.distributed import free_port
 
 QUESTIONS = [chat["messages"][0]["content"] for chat in documentation_chats()[:64]]
 
@@ -42,14 +43,6 @@ def make_demo_model(folder: Path) -> Path:
     subprocess.run([sys.executable, str(REPO / "init_model.py"), "--tokenizer_name", str(tokenizer_dir),
                     "--config_name", "demo", "--output_dir", str(model_dir)], check=True, capture_output=True)
     return model_dir
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

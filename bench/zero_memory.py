@@ -20,17 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dstrain.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 CONFIGS = ["zero2", "zero3", "zero3_offload"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

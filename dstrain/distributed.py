@@ -74,9 +74,9 @@ def any_rank(flag: bool) -> bool:
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now (for a master port or a test server)."""
+    """A TCP port nobody listens on now, on any interface (a master port, a test server)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return sock.getsockname()[1]
 
 

@@ -41,7 +41,7 @@ gpu_count() {  # GPUs on this node; 2 CPU ranks where there is none
 }
 
 free_port() {
-  "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+  "$PYTHON" -c 'from dstrain.distributed import free_port; print(free_port())'
 }
 
 # Checks the job (entry script, DeepSpeed config against the flags and world size, output

@@ -7,7 +7,6 @@ import json
 import os
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+
+from dstrain.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,12 +128,6 @@ def train_flags(tokenizer_dir, corpus, output_dir, cache_dir, **overrides) -> li
 def logged_losses(output_dir: Path) -> dict[int, float]:
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_deepspeed(script, *args, ranks=2, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:

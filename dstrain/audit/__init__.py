@@ -81,7 +81,7 @@ def log_to_wandb(result: Audit, run_name: str | None = None) -> None:
     HF's WandbCallback reuses a run that already exists ("run may have been created manually"),
     so the run is started here with the callback's own project and name.
     """
-    import wandb
+    import wandb  # only when reporting to WandB: importing it costs a second
 
     if wandb.run is None:
         wandb.init(project=os.getenv("WANDB_PROJECT", "huggingface"), name=run_name)

@@ -1,6 +1,7 @@
 """LoRA and QLoRA through PEFT: wrapping a model, checking target modules, 4-bit loading, and loading
 a saved adapter on its base."""
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from peft import (
     PeftModel,
     get_peft_model,
 )
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 from dstrain.distributed import print0
 from dstrain.errors import UserError
@@ -78,12 +79,8 @@ def quantization_config(bits: int | None):
     if not torch.cuda.is_available():
         raise UserError(f"--quantization_bit {bits} (QLoRA) needs a CUDA GPU: bitsandbytes' {bits}-bit kernels "
                         "do not run on CPU; drop the flag for plain LoRA")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError("--quantization_bit needs bitsandbytes: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
-
+    if find_spec("bitsandbytes") is None:  # an optional dependency: GPU machines only
+        raise UserError("--quantization_bit needs bitsandbytes: pip install bitsandbytes")
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

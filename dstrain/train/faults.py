@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
 from transformers import TrainerCallback
 
 from dstrain.distributed import print0, rank
@@ -165,8 +166,6 @@ def install_fault(trainer) -> None:
         trainer._save_rng_state = lambda output_dir: _die() if at_step() else save_rng_state(output_dir)
     elif fault.phase == "shard":
         # The engine is built inside trainer.train(), so its class method is wrapped (this process only).
-        from deepspeed.runtime.engine import DeepSpeedEngine
-
         save_zero_checkpoint = DeepSpeedEngine._save_zero_checkpoint
 
         def save_shard_then_die(engine, save_path, tag):
