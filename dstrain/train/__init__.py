@@ -1,0 +1,2 @@
+"""Training: starting a run, resume plans, the shared train-save-evaluate step, and what watches a
+run (monitoring, numerical faults, checkpoint completeness, elastic resume)."""
