@@ -18,8 +18,6 @@ training run that follows reuses it. The model's weights are not loaded: the che
 weights run at the start of training.
 """
 
-from contextlib import nullcontext
-
 from dstrain.arguments import (
     AuditDataArguments,
     DPOTrainingArguments,
@@ -31,12 +29,8 @@ from dstrain.arguments import (
 )
 from dstrain.audit import STAGES, audit, planned_generation_config
 from dstrain.cli import CommandLine, build, cli_entry, parse_known, refuse_unknown
-from dstrain.data.blocks import pretraining_datasets
-from dstrain.data.chat_template import require_chat_template
-from dstrain.data.pairs import preference_datasets
-from dstrain.data.sft import sft_datasets
 from dstrain.errors import UserError
-from dstrain.model.loading import choose_block_size, load_tokenizer, model_config_for
+from dstrain.stages import stage_data
 
 ARGUMENTS = (ModelArguments, AuditDataArguments)
 # The training flags a stage's scripts take besides the data's, accepted (and ignored but for the seed)
@@ -63,25 +57,12 @@ def parse_audit_args(argv: list[str] | None = None) -> tuple[ModelArguments, Aud
 
 
 def main(model_args: ModelArguments, data_args: AuditDataArguments, seed: int) -> None:
-    # ===== 1. tokenizer and model config, as the training script loads them =====
-    tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
-    config = model_config_for(model_args, tokenizer)
+    # ===== 1. the tokenizer, the model config and the processed data, as the training script makes them =====
+    # (the data goes to the run's cache, --data_cache_dir, so the training run that follows reuses it)
+    tokenizer, config, data = stage_data(data_args.stage, model_args, data_args, seed)
     chat = STAGES[data_args.stage].chat
 
-    # ===== 2. the processed data, as the training script builds it (and caches it for that run) =====
-    single_process = lambda desc: nullcontext()  # noqa: E731
-    if chat:
-        require_chat_template(tokenizer, model_args.tokenizer_name)
-    if data_args.stage == "preference":
-        data = preference_datasets(data_args, tokenizer, seed, single_process)
-    elif chat:
-        data = sft_datasets(data_args, tokenizer, seed, single_process)
-    else:
-        block_size = choose_block_size(data_args.block_size, config,
-                                       model_args.config_name or model_args.model_name_or_path)
-        data = pretraining_datasets(data_args, tokenizer, block_size, seed, single_process)
-
-    # ===== 3. the checks, the summary, the verdict =====
+    # ===== 2. the checks, the summary, the verdict =====
     generation_config = planned_generation_config(model_args.model_name_or_path, config, tokenizer, chat)
     result = audit(data_args.stage, data, tokenizer, config, generation_config, None,
                    data_args.max_length, data_args.drop_too_long)

@@ -47,7 +47,7 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     config = model_config_for(model_args, tokenizer)
 
     # ===== 2. pairs: checked, rendered identically on both sides, fitted to --max_length =====
-    data = preference_datasets(data_args, tokenizer, training_args.seed, training_args.main_process_first)
+    data = preference_datasets(data_args, tokenizer, training_args.seed)
 
     # ===== 3. the policy and its frozen reference copy (none with LoRA or precomputed); the data audit =====
     quantization = quantization_config(lora_args.quantization_bit)

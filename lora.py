@@ -13,12 +13,12 @@ Chat data, masks, length policy and packing are sft.py's (dstrain/data/sft.py). 
 is a standard PEFT adapter (adapter_config.json, adapter_model.safetensors) with the tokenizer.
 """
 
-from transformers import default_data_collator, set_seed
+from transformers import set_seed
 
 from dstrain.arguments import AdapterDataArguments, LoraArguments, ModelArguments, TrainingArguments
 from dstrain.audit import audit_before_training
 from dstrain.cli import cli_entry, parse_args
-from dstrain.data.blocks import pretraining_datasets
+from dstrain.data.blocks import block_collator, pretraining_datasets
 from dstrain.data.chat_template import configure_chat_generation, require_chat_template
 from dstrain.data.sft import sft_collator, sft_datasets
 from dstrain.distributed import finish
@@ -49,11 +49,10 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     # ===== 2. data: chat conversations (as sft.py) or plain text blocks (as pretrain.py) =====
     if data_args.stage == "sft":
         require_chat_template(tokenizer, model_args.tokenizer_name)
-        data = sft_datasets(data_args, tokenizer, training_args.seed, training_args.main_process_first)
+        data = sft_datasets(data_args, tokenizer, training_args.seed)
     else:
         block_size = choose_block_size(data_args.block_size, config, model_args.model_name_or_path)
-        data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed,
-                                    training_args.main_process_first)
+        data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed)
 
     # ===== 3. frozen base model + adapters; the data audit =====
     model = build_model(model_args, config, quantization)
@@ -62,7 +61,7 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     model = apply_lora(model, lora_args, training_args.activation_checkpointing)
     audit_before_training(data_args.stage, data, tokenizer, model, data_args, training_args)
     collator = (sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
-                if data_args.stage == "sft" else default_data_collator)
+                if data_args.stage == "sft" else block_collator)
 
     # ===== 4. train, save the adapter (+ tokenizer, generation config), evaluate =====
     train_save_evaluate(run, model, tokenizer, data, collator, resume)

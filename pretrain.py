@@ -15,12 +15,12 @@ Continued pretraining: --model_name_or_path out/pt instead of --tokenizer_name/-
 Resume after a crash: add --resume_from_checkpoint last.
 """
 
-from transformers import default_data_collator, set_seed
+from transformers import set_seed
 
 from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments
 from dstrain.audit import audit_before_training
 from dstrain.cli import cli_entry, parse_args
-from dstrain.data.blocks import pretraining_datasets
+from dstrain.data.blocks import block_collator, pretraining_datasets
 from dstrain.distributed import finish
 from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
 from dstrain.train.resume import apply_resume_plan, plan_resume
@@ -44,15 +44,14 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
                                    model_args.config_name or model_args.model_name_or_path)
 
     # ===== 2. data: tokenized once (first process per node), packed into blocks =====
-    data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed,
-                                training_args.main_process_first)
+    data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed)
 
     # ===== 3. model; then the data audit (dstrain/audit/) before any step is paid for =====
     model = build_model(model_args, config)
     audit_before_training("pretrain", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save a plain HF folder, evaluate =====
-    train_save_evaluate(run, model, tokenizer, data, default_data_collator, resume)
+    train_save_evaluate(run, model, tokenizer, data, block_collator, resume)
     finish()
 
 

@@ -48,7 +48,7 @@ def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args
         raise UserError(f"--max_length {data_args.max_length} is larger than the model's context ({context})")
 
     # ===== 2. conversations: checked, tokenized with the assistant mask, fitted, packed =====
-    data = sft_datasets(data_args, tokenizer, training_args.seed, training_args.main_process_first)
+    data = sft_datasets(data_args, tokenizer, training_args.seed)
     if data_args.preview:
         write_preview(data["train"], tokenizer, data_args.preview, Path(training_args.output_dir) / "preview.jsonl")
         finish()

@@ -13,6 +13,7 @@ import torch
 import transformers
 import trl
 
+from dstrain.data.cache import DEFAULT_MAX_VALIDATION_TOKENS
 from dstrain.data.chat_format import FORMATS
 from dstrain.distributed import join_cpu_ranks
 from dstrain.errors import UserError
@@ -63,7 +64,9 @@ class CorpusArguments:
     """What every training stage reads: files, a held-out split, bad-record handling, the cache."""
 
     train_files: list[str] = field(
-        default_factory=list, metadata={"help": "JSONL or text files, folders, or globs."}
+        default_factory=list, metadata={"help": "Files (.jsonl, .json, .txt, .md, .parquet, also .gz/.zst), folders, "
+                                                "globs, saved datasets, or hf:NAME. Pretraining mixes sources by "
+                                                "token share when each ends with a weight: web/:0.7 code/:0.3."}
     )
     validation_files: list[str] | None = field(
         default=None, metadata={"help": "Held-out files; without them a split of the training data is held out."}
@@ -75,7 +78,18 @@ class CorpusArguments:
         default=False, metadata={"help": "Skip malformed records (and report how many) instead of stopping."}
     )
     preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes used to tokenize."}
+        default=None, metadata={"help": "Processes used to tokenize (default: every core)."}
+    )
+    max_validation_tokens: int = field(
+        default=DEFAULT_MAX_VALIDATION_TOKENS,
+        metadata={"help": "The held-out split stops growing at this many tokens (later draws train; 0: no cap), "
+                          "so that evaluating a 5% split of a huge corpus does not cost hours."}
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "For hf:NAME inputs: the dataset's configuration (load_dataset's name)."}
+    )
+    dataset_split: str = field(
+        default="train", metadata={"help": "For hf:NAME inputs and saved DatasetDicts: the split to read."}
     )
     data_cache_dir: str = field(
         default=os.path.join("~", ".cache", "dstrain", "tokenized"),
@@ -93,6 +107,8 @@ class CorpusArguments:
             raise UserError("--train_files is required")
         if not 0 <= self.validation_split_percentage < 100:
             raise UserError("--validation_split_percentage must be in [0, 100)")
+        if self.max_validation_tokens < 0:
+            raise UserError("--max_validation_tokens must be 0 (no cap) or more")
         self.data_cache_dir = os.path.expanduser(self.data_cache_dir)
 
 

@@ -7,10 +7,12 @@ Ranks other than 0 print nothing but errors.
 
 import faulthandler
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +80,84 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+HEARTBEAT_SECONDS = 10
+STALE_AFTER_SECONDS = 120  # a builder whose lock has not been touched for this long has died
+
+
+def build_once(target: Path, build, what: str) -> None:
+    """Make `target` (a folder) exist, built by exactly one process of all that share its filesystem:
+    the first to create `<target>.lock` runs `build(staging)` and renames the staging folder to
+    `target`; every other process (other ranks, other nodes on a shared filesystem) waits by polling
+    the files, in no collective, so a build of hours cannot time out their process group. On a
+    node-local disk each node builds its own; on a shared one, one process builds for all.
+
+    The builder keeps touching the lock while it works. Its failure is written to `<target>.error`
+    and ends every waiting process with that same line; a lock left untouched for minutes is the mark
+    of a builder that died, and the waiting processes stop, naming it, rather than wait forever.
+    """
+    target = Path(target)
+    lock, error = target.with_name(target.name + ".lock"), target.with_name(target.name + ".error")
+    announced = False
+    while not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not announced:
+                print(f"{what}: waiting for {_lock_owner(lock)} to build it", flush=True)
+                announced = True
+            _wait_for(target, lock, error, what)
+            continue
+        os.write(handle, f"{socket.gethostname()} pid {os.getpid()}".encode())
+        os.close(handle)
+        _build_holding(target, lock, error, build)
+
+
+def _build_holding(target: Path, lock: Path, error: Path, build) -> None:
+    error.unlink(missing_ok=True)  # a failure of an earlier run is no verdict on this one
+    staging = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    beating = threading.Event()
+
+    def heartbeat():
+        while not beating.wait(HEARTBEAT_SECONDS):
+            os.utime(lock)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        build(staging)
+        os.replace(staging, target)
+    except BaseException as failure:
+        message = str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {failure}"
+        error.write_text(" ".join(message.split("\n")) or type(failure).__name__)
+        raise
+    finally:
+        beating.set()
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+
+
+def _wait_for(target: Path, lock: Path, error: Path, what: str) -> None:
+    """Until the lock goes (then: built, failed, or free to take) or is found stale."""
+    while lock.exists() and not target.exists():
+        try:
+            idle = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            break
+        if idle > STALE_AFTER_SECONDS:
+            raise UserError(f"{what}: {lock} was left by a build that stopped ({_lock_owner(lock)}, untouched for "
+                            f"{idle:.0f} s); delete it and start again")
+        time.sleep(1)
+    if not target.exists() and error.exists():
+        raise UserError(f"{what}: the build failed on another process: {error.read_text().strip()}")
+
+
+def _lock_owner(lock: Path) -> str:
+    try:
+        return lock.read_text().strip() or "another process"
+    except FileNotFoundError:
+        return "another process"
 
 
 def release_shared_memory_names() -> None:

@@ -7,6 +7,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -61,7 +62,7 @@ def chat_data(tmp_path, tokenizer, records, **options):
     path = write_jsonl(tmp_path / "chats.jsonl", records)
     args = ChatDataArguments(train_files=[str(path)], data_cache_dir=str(tmp_path / "cache"),
                              validation_split_percentage=0, **options)
-    return path, sft_datasets(args, tokenizer, seed=1, main_process_first=only_once)
+    return path, sft_datasets(args, tokenizer, seed=1)
 
 
 def audit_chats(data, tokenizer, base_model, model=None, generation_config=None, **options):
@@ -251,7 +252,7 @@ def pretraining_data(tmp_path, tokenizer, texts, block_size: int, validation_per
     path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": text} for text in texts])
     args = DataArguments(train_files=[str(path)], data_cache_dir=str(tmp_path / "cache"),
                          validation_split_percentage=validation_percentage)
-    return path, pretraining_datasets(args, tokenizer, block_size, seed=1, main_process_first=only_once)
+    return path, pretraining_datasets(args, tokenizer, block_size, seed=1)
 
 
 def audit_blocks(data, tokenizer, base_model):
@@ -275,10 +276,11 @@ def test_documents_joined_without_eos_are_named(tmp_path, tok, base_model):
     texts = ["First document about lists. " * 12, "Second document about dicts. " * 12, "Third about sets. " * 12]
     path, data = pretraining_data(tmp_path, tok, texts, block_size=16)
     eos, stand_in = tok.eos_token_id, tok.convert_tokens_to_ids("<s>")
-    no_eos = ProcessedDatasets({"train": data["train"].map(lambda example: {
-        key: [stand_in if token == eos else token for token in example[key]] for key in ("input_ids", "labels")})},
-        data.report)
-    [finding] = audit_blocks(no_eos, tok, base_model).findings
+    [store] = data["train"].stores  # the tokenized corpus, as the cache holds it: its eos become <s>
+    tokens = np.memmap(store.folder / "tokens.bin", dtype=store.meta["dtype"], mode="r+")
+    tokens[tokens == eos] = stand_in
+    tokens.flush()
+    [finding] = audit_blocks(data, tok, base_model).findings
     assert finding.check == 5 and "without an eos </s> (2)" in finding.problem
     assert finding.records[0].startswith(f"{path}:1, {path}:2 (train block ")
 
@@ -305,7 +307,7 @@ def pair_data(tmp_path, tokenizer, records=PAIRS, max_length=64):
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     args = PreferenceDataArguments(train_files=[str(path)], data_cache_dir=str(tmp_path / "cache"),
                                    validation_split_percentage=0, max_length=max_length)
-    return path, preference_datasets(args, tokenizer, seed=1, main_process_first=only_once)
+    return path, preference_datasets(args, tokenizer, seed=1)
 
 
 def audit_pairs(data, tokenizer, base_model, max_length=64):

@@ -37,8 +37,9 @@ def read_jsonl(path: Path, field: str = "text") -> list[str]:
 
 # --- expand_inputs ----------------------------------------------------------------------------
 
-CORPUS_TREE = ["a.jsonl", "b.json", "c.txt", "d.text", "e.md", "sub/deeper/f.jsonl"]
-NOT_CORPUS = ["notes.csv", "script.py", "README", "sub/archive.jsonl.gz"]
+CORPUS_TREE = ["a.jsonl", "b.json", "c.txt", "d.text", "e.md", "g.parquet", "sub/archive.jsonl.gz",
+               "sub/deeper/f.jsonl", "sub/deeper/h.txt.zst"]
+NOT_CORPUS = ["notes.csv", "script.py", "README", "sub/table.csv.gz"]
 
 
 @pytest.fixture()
@@ -57,8 +58,8 @@ def tree(tmp_path) -> Path:
     ("*.t*", ["c.txt", "d.text"]),
 ], ids=["file", "folder", "glob", "recursive_glob", "glob_by_suffix"])
 def test_expand_inputs_file_folder_glob(tree, pattern, expected):
-    """A file is itself; a folder is every .jsonl/.json/.txt/.text/.md below it, in sorted order;
-    a glob is what it matches (`**` recursively)."""
+    """A file is itself; a folder is every .jsonl/.json/.txt/.text/.md/.parquet (also .gz, .zst) below
+    it, in sorted order; a glob is what it matches (`**` recursively)."""
     assert expand_inputs([str(tree / pattern)]) == [tree / name for name in expected]
 
 
@@ -81,6 +82,13 @@ def test_expand_inputs_refuses_what_holds_no_files(tree, pattern, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)) as caught:
         expand_inputs([str(tree / "a.jsonl"), path], "--train_files")
     assert str(caught.value).startswith("--train_files: ") and path in str(caught.value)
+
+
+def test_a_glob_reaching_a_file_of_no_known_kind_is_refused_by_name(tree):
+    with pytest.raises(UserError, match=re.escape(f"reaches {tree / 'README'}, which is no input kind")):
+        expand_inputs([str(tree / "*")])
+    with pytest.raises(UserError, match="script.py is no input kind"):
+        expand_inputs([str(tree / "script.py")])
 
 
 def test_expand_inputs_needs_at_least_one_pattern():

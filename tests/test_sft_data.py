@@ -9,7 +9,6 @@ tokenized on its own (header, content, <|im_end|>, newline) and labelled by its 
 
 import json
 import random
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -207,7 +206,7 @@ def chat_args(train_file: Path, cache: Path, **options) -> ChatDataArguments:
 
 
 def build(args, tokenizer):
-    return sft_datasets(args, tokenizer, seed=42, main_process_first=lambda desc: nullcontext())
+    return sft_datasets(args, tokenizer, seed=42)
 
 
 LONG_TEXT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)  # far over 64 tokens

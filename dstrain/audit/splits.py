@@ -163,38 +163,59 @@ def _dropped_findings(context: AuditContext) -> list[Finding]:
 # ---------------------------------------------------------------- pretraining blocks
 
 
-def audit_block_split(name: str, dataset: Dataset, context: AuditContext) -> SplitAudit:
-    """Check 5 (and the token rules) over fixed blocks of documents joined by eos, each with its `sources`."""
-    eos = context.tokenizer.eos_token_id
+def audit_block_split(name: str, blocks, context: AuditContext) -> SplitAudit:
+    """Check 5 (and the token rules) over the blocks of a split (dstrain/data/blocks.PackedBlocks): every
+    document of the plan ends with eos, no id past the embedding, no pad token (blocks train every
+    token), little of the split left out. Read per document from the token stores: the ends of the
+    documents and the largest id and pad count each store recorded, never a pass over every token,
+    unless a store breaks a rule and its offending documents are to be named."""
+    eos, pad = context.tokenizer.eos_token_id, context.tokenizer.pad_token_id
     offenders = {rule: Offenders() for rule in ("joined", *TOKEN_RULES)}
-    totals = {"samples": context.report.get("documents"), "rows": len(dataset), "tokens": 0, "trained_tokens": 0}
-    for first_row, table in batches(dataset):
-        batch, where = TokenBatch.read(table), Provenance(table, name, first_row, unit="block")
-        documents = where.counts()
-        if documents is not None:  # every document but a block's last ends inside it, with an eos
-            eos_per_block = np.bincount(batch.row_of[batch.ids == eos], minlength=batch.rows)
-            offenders["joined"].add(np.nonzero(eos_per_block < documents - 1)[0], where.row)
-        _token_rules(batch, batch.row_of, context, offenders, where.row)
-        totals["tokens"] += len(batch.ids)
-        totals["trained_tokens"] += int((batch.labels != IGNORE).sum())
-
+    block_size, rows = blocks.block_size, len(blocks)
+    used = np.unique(np.asarray(blocks.store))
+    for store_index in used:
+        store = blocks.stores[store_index]
+        in_plan = np.nonzero(np.asarray(blocks.store) == store_index)[0]
+        documents = np.asarray(blocks.document)[in_plan]
+        ends = np.asarray(store.tokens[np.asarray(store.offsets)[documents + 1] - 1])
+        _name_blocks(blocks, in_plan[ends != eos], offenders["joined"], name)
+        if context.embedding_rows is not None and store.meta["max_id"] >= context.embedding_rows:
+            _name_documents(blocks, store, in_plan, documents, store.tokens >= context.embedding_rows,
+                            offenders["range"], name)
+        if pad is not None and pad != eos and store.meta["pad_tokens"]:
+            _name_documents(blocks, store, in_plan, documents, store.tokens == pad, offenders["pad"], name)
     findings = offenders["joined"].finding(5, f"blocks that join documents without an eos "
                                               f"{token_name(context.tokenizer, eos)} between them",
                                            "the model would learn to run one document into the next: end every "
                                            "document with eos (dstrain/data/blocks.py does)")
-    corpus_tokens = context.report.get("tokens")
-    left_out = corpus_tokens - totals["tokens"] if corpus_tokens is not None else None
-    if left_out and left_out > MAX_PACKING_LOSS * corpus_tokens:
-        block = len(dataset[0]["input_ids"]) if len(dataset) else 0
+    planned = int(blocks.starts[-1])
+    tokens = rows * block_size
+    left_out = planned - tokens
+    if left_out > MAX_PACKING_LOSS * planned:
         more = "raise --validation_split_percentage, " if name == "validation" else ""
-        findings.append(Finding(5, f"block packing leaves out {left_out / corpus_tokens:.1%} of the {name} split "
-                                   f"({left_out:,} of {corpus_tokens:,} tokens: each 1,000 documents lose their "
-                                   f"tail shorter than a block of {block})",
-                                f"{more}lower --block_size or add data"))
+        findings.append(Finding(5, f"block packing leaves out {left_out / planned:.1%} of the {name} split "
+                                   f"({left_out:,} of {planned:,} tokens: the split's last tokens do not fill a "
+                                   f"block of {block_size})", f"{more}lower --block_size or add data"))
     findings += _token_rule_findings(offenders, context)
-    summary = {**totals, "truncated": None, "dropped": None, "dropped_tokens": left_out,
+    summary = {"samples": len(blocks.document), "rows": rows, "tokens": tokens, "trained_tokens": tokens,
+               "truncated": None, "dropped": None, "dropped_tokens": left_out,
                "lengths": context.report.get("length_histogram", {})}
     return SplitAudit(findings, summary)
+
+
+def _name_blocks(blocks, positions: np.ndarray, offenders: Offenders, split: str) -> None:
+    """Count the plan's documents at `positions` as offenders, each named by the block it ends in."""
+    ends = (np.asarray(blocks.starts)[positions + 1] - 1) // blocks.block_size
+    inside = ends < len(blocks)  # a document in the left-out tail is in no block
+    offenders.add(np.unique(ends[inside]), lambda block: f"{', '.join(blocks.block_places(block)[:3])} ({split} block {block})")
+
+
+def _name_documents(blocks, store, in_plan: np.ndarray, documents: np.ndarray, bad_tokens: np.ndarray,
+                    offenders: Offenders, split: str) -> None:
+    """Count the plan's documents of `store` holding a bad token, named by their block."""
+    offsets = np.asarray(store.offsets)
+    bad_documents = np.unique(np.searchsorted(offsets, np.nonzero(bad_tokens)[0], side="right") - 1)
+    _name_blocks(blocks, in_plan[np.isin(documents, bad_documents)], offenders, split)
 
 
 # ---------------------------------------------------------------- preference pairs (reward.py, dpo.py)

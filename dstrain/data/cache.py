@@ -1,15 +1,16 @@
 """Tokenize once: the build every stage's data goes through, and its cache.
 
-A stage describes its data with a frozen `DataSpec` (the input files, the held-out share, its own
-settings) and says how to read one file list (`read`) and how to turn what was read into the
-splits training sees (`build`). `processed_datasets` does the rest, the same way for every stage:
-the cache key, reading with validation marks, the build, the save.
+A stage describes its data with a frozen `DataSpec` (the inputs, the held-out share, its own
+settings) and says how to make the processed splits into a folder (`make`) and how to load them
+(`load`). `processed_datasets` does the rest, the same way for every stage: the cache key, one
+process building while every other waits (dstrain.distributed.build_once: a marker file, no
+collective that could time out), and loading. `python data.py prepare` runs the same call before
+the job, with every core.
 
-The key holds each input file's path, size and modification time, the tokenizer and the spec's
-settings, so a changed file or setting builds anew and an unchanged one is loaded. The first
-process of each node builds while the others wait (`main_process_first`); the result is
-written beside its final place and renamed, so a crash, or a second node racing on a shared
-file system, never leaves a half-written cache that a later run would trust.
+The key holds each input's content fingerprint (dstrain/data/records.input_fingerprint), the
+tokenizer and the spec's settings, so a changed input or setting builds anew and an unchanged
+one is loaded. The result is written beside its final place and renamed, so a crash, or a second
+node racing on a shared file system, never leaves a half-written cache that a later run would trust.
 
 Beside the splits the cache keeps a small build report (`ProcessedDatasets.report`): what the
 build counted that the rows themselves no longer show (conversations dropped or cut to fit,
@@ -18,10 +19,8 @@ documents and tokens before packing), so a run that reuses the cache can still a
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,25 +31,21 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
-from dstrain.data.records import ReadStats, expand_inputs
-from dstrain.distributed import print0
+from dstrain.data.records import ReadStats, expand_inputs, input_fingerprint
+from dstrain.distributed import build_once, print0
 from dstrain.errors import UserError
 
 REPORT_FILE = "build_report.json"
+DEFAULT_MAX_VALIDATION_TOKENS = 4_000_000
 
 
-class ProcessedDatasets(DatasetDict):
-    """The splits training reads, plus `report`: a JSON-able dict per split of what building them
-    counted (see lm_data and sft_data), saved with the cache and loaded with it."""
+class ProcessedDatasets(dict):
+    """The splits training reads (name -> dataset), plus `report`: a JSON-able dict per split of what
+    building them counted (see blocks.py, sft.py, pairs.py), saved with the cache and loaded with it."""
 
     def __init__(self, splits=(), report: dict | None = None):
         super().__init__(splits)
         self.report = report or {}
-
-
-def file_identity(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -58,63 +53,87 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
+def cache_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What one stage's processed datasets are made from. Every field is part of the cache key except
     those declared with compare=False (how the build runs, not what it makes). A stage subclasses it
-    with its settings, its `kind`, its cache `layout` version, `read` and `build`."""
+    with its settings, its `kind`, its cache `layout` version, and `read` + `build` (records read in
+    one process, then built), or `make` + `load` of its own (pretraining's token stores)."""
 
     kind: ClassVar[str]
-    layout: ClassVar[str]  # bump when what `build` makes changes, so caches of the old layout are not reused
+    layout: ClassVar[str]  # bump when what the build makes changes, so caches of the old layout are not reused
 
-    train_files: tuple[Path, ...]
-    validation_files: tuple[Path, ...]
+    train_files: tuple
+    validation_files: tuple
     validation_percentage: float  # drawn from the training records when there are no validation files
+    max_validation_tokens: int  # the drawn validation split stops growing here; later draws train
     skip_bad_records: bool
     seed: int
     cache_dir: str = field(compare=False)
+    workers: int | None = field(default=None, compare=False)
 
     @classmethod
     def from_arguments(cls, data_args, seed: int, **settings) -> "DataSpec":
         """The spec of --train_files / --validation_files (CorpusArguments) with the stage's `settings`."""
-        train = expand_inputs(data_args.train_files, "--train_files")
-        validation = expand_inputs(data_args.validation_files, "--validation_files") if data_args.validation_files else []
+        where = {"dataset_config": data_args.dataset_config, "dataset_split": data_args.dataset_split}
+        train = expand_inputs(data_args.train_files, "--train_files", **where)
+        validation = (expand_inputs(data_args.validation_files, "--validation_files", **where)
+                      if data_args.validation_files else [])
         return cls(tuple(train), tuple(validation), 0.0 if validation else data_args.validation_split_percentage,
-                   data_args.skip_bad_records, seed, data_args.data_cache_dir, **settings)
+                   data_args.max_validation_tokens, data_args.skip_bad_records, seed, data_args.data_cache_dir,
+                   data_args.preprocessing_num_workers, **settings)
 
     @property
     def holds_out(self) -> bool:
         """Whether there is a validation split."""
         return self.validation_percentage > 0 or bool(self.validation_files)
 
-    def read(self, files: tuple[Path, ...], stats: ReadStats) -> Iterator[dict]:
+    def read(self, files: tuple, stats: ReadStats) -> Iterator[dict]:
         """One dict per usable record of `files` (bad ones raise BadRecord, or are counted in `stats`)."""
         raise NotImplementedError
 
-    def build(self, tokenizer, records, scratch: Path) -> "ProcessedDatasets":
+    def build(self, tokenizer, records: Dataset, scratch: Path) -> "ProcessedDatasets":
         """The splits training reads, from every record read (a Dataset with an `is_validation` column)."""
         raise NotImplementedError
+
+    def make(self, tokenizer, folder: Path) -> None:
+        """Write the processed splits into `folder` (records read, then built, then saved)."""
+        stats = {"train": ReadStats(), "validation": ReadStats()}
+        records = records_dataset(_marked_records, folder / "scratch", spec=self, stats=stats)
+        skipped = stats["train"].skipped + stats["validation"].skipped
+        if skipped:
+            first = (stats["train"].problems + stats["validation"].problems)[0]
+            print0(f"Skipped {skipped} bad records (--skip_bad_records); first: {first}")
+        built = self.build(tokenizer, records, folder / "scratch")
+        DatasetDict(built).save_to_disk(str(folder / "splits"), num_proc=None)
+        (folder / REPORT_FILE).write_text(json.dumps(built.report))
+        shutil.rmtree(folder / "scratch", ignore_errors=True)
+
+    def load(self, folder: Path) -> "ProcessedDatasets":
+        report = folder / REPORT_FILE
+        return ProcessedDatasets(load_from_disk(str(folder / "splits")),
+                                 json.loads(report.read_text()) if report.exists() else {})
 
     def cache_identity(self, tokenizer) -> dict:
         settings = {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
         return {**settings, "kind": self.kind, "layout": self.layout,
-                "train_files": [file_identity(p) for p in self.train_files],
-                "validation_files": [file_identity(p) for p in self.validation_files],
+                "train_files": [input_fingerprint(p) for p in self.train_files],
+                "validation_files": [input_fingerprint(p) for p in self.validation_files],
                 "tokenizer": tokenizer_identity(tokenizer)}
 
 
-def processed_datasets(spec: DataSpec, tokenizer, main_process_first) -> "ProcessedDatasets":
-    """The datasets `spec` describes: loaded from the cache, or read and built there first (by the
-    first process of each node while the others wait: `main_process_first`)."""
-    def read_then_build(scratch: Path) -> ProcessedDatasets:
-        stats = {"train": ReadStats(), "validation": ReadStats()}
-        records = records_dataset(_marked_records, scratch, spec=spec, stats=stats)
-        problems = stats["train"].problems + stats["validation"].problems
-        if problems:
-            print0(f"Skipped {len(problems)} bad records (--skip_bad_records); first: {problems[0]}")
-        return spec.build(tokenizer, records, scratch)
-
-    return cached_datasets(spec.cache_dir, spec.cache_identity(tokenizer), read_then_build, main_process_first)
+def processed_datasets(spec: DataSpec, tokenizer) -> "ProcessedDatasets":
+    """The datasets `spec` describes: loaded from the cache, or built there first (by one process
+    while the others wait, see dstrain.distributed.build_once)."""
+    folder = Path(spec.cache_dir).expanduser() / cache_key(spec.cache_identity(tokenizer))
+    if folder.exists():
+        print0(f"Reusing tokenized data from {folder}")
+    build_once(folder, lambda staging: spec.make(tokenizer, staging), f"the {spec.kind} data cache {folder}")
+    return spec.load(folder)
 
 
 def _marked_records(spec: DataSpec, stats: dict):
@@ -123,36 +142,6 @@ def _marked_records(spec: DataSpec, stats: dict):
     validation = spec.read(spec.validation_files, stats["validation"]) if spec.validation_files else []
     for record, is_validation in with_validation_marks(train, validation, spec.validation_percentage, spec.seed):
         yield {**record, "is_validation": is_validation}
-
-
-def cached_datasets(cache_root: str, identity: dict, build: Callable[[Path], ProcessedDatasets],
-                    main_process_first) -> ProcessedDatasets:
-    """Load the datasets cached for `identity`, building them with `build(scratch_dir)` if absent."""
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    cache_dir = Path(cache_root) / key
-    with main_process_first(desc="preparing the data"):
-        if (cache_dir / "dataset_dict.json").exists():
-            print0(f"Reusing tokenized data from {cache_dir}")
-        else:
-            _build_into(cache_dir, build)
-        report = cache_dir / REPORT_FILE
-        return ProcessedDatasets(load_from_disk(str(cache_dir)),
-                                 json.loads(report.read_text()) if report.exists() else {})
-
-
-def _build_into(cache_dir: Path, build: Callable[[Path], ProcessedDatasets]) -> None:
-    staging = cache_dir.with_name(f"{cache_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        built = build(staging / "scratch")
-        built.save_to_disk(str(staging / "done"))
-        (staging / "done" / REPORT_FILE).write_text(json.dumps(getattr(built, "report", {})))
-        try:
-            os.replace(staging / "done", cache_dir)
-        except OSError:
-            if not (cache_dir / "dataset_dict.json").exists():  # not another node winning the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def records_dataset(generate: Callable, scratch: Path, **kwargs) -> Dataset:
@@ -182,6 +171,12 @@ def with_validation_marks(train_items, validation_items, validation_percentage: 
         yield item, draw.random() * 100 < validation_percentage
     for item in validation_items:
         yield item, True
+
+
+def validation_draws(count: int, validation_percentage: float, seed: int) -> np.ndarray:
+    """The same seeded draw as with_validation_marks, for `count` items at once (a bool per item)."""
+    draw = random.Random(seed)
+    return np.fromiter((draw.random() * 100 < validation_percentage for _ in range(count)), dtype=bool, count=count)
 
 
 def split_by_marks(dataset: Dataset, with_validation: bool) -> dict:

@@ -178,10 +178,10 @@ class PairSpec(DataSpec):
         return _render_and_fit(self, tokenizer, records)
 
 
-def preference_datasets(data_args, tokenizer, seed: int, main_process_first) -> ProcessedDatasets:
+def preference_datasets(data_args, tokenizer, seed: int) -> ProcessedDatasets:
     """Train (and validation) pairs as prompt_ids / chosen_ids / rejected_ids (+ margin, source)."""
     spec = PairSpec.from_arguments(data_args, seed, max_length=data_args.max_length)
-    return processed_datasets(spec, tokenizer, main_process_first)
+    return processed_datasets(spec, tokenizer)
 
 
 def _render_and_fit(spec: PairSpec, tokenizer, pairs) -> ProcessedDatasets:

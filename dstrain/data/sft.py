@@ -182,12 +182,12 @@ class ChatSpec(DataSpec):
         return _tokenize_fit_pack(self, tokenizer, records)
 
 
-def sft_datasets(data_args, tokenizer, seed: int, main_process_first) -> ProcessedDatasets:
+def sft_datasets(data_args, tokenizer, seed: int) -> ProcessedDatasets:
     """Tokenized (and, with --packing, packed) train and validation datasets for SFT."""
     spec = ChatSpec.from_arguments(data_args, seed, data_format=data_args.data_format,
                                    system_prompt=data_args.system_prompt, max_length=data_args.max_length,
                                    packing=data_args.packing)
-    return processed_datasets(spec, tokenizer, main_process_first)
+    return processed_datasets(spec, tokenizer)
 
 
 def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations) -> ProcessedDatasets:

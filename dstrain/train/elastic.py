@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import io
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from deepspeed.checkpoint import ds_to_universal
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-from dstrain.distributed import print0
+from dstrain.distributed import build_once, print0
 from dstrain.errors import UserError
 from dstrain.train.run import check_deepspeed_config_agrees
 
@@ -116,13 +115,12 @@ def accumulation_for(global_batch: int, per_device_batch: int, world_size: int) 
 
 def load_on_this_world_size(args, checkpoint: str, tag: str, gradient_accumulation_steps: int | None) -> None:
     """Load `checkpoint` (written by another world size) in this run: the accumulation that keeps its
-    global batch (None: the flags' own), the universal checkpoint made by rank 0 while the others
-    wait, and DeepSpeed told to load it."""
+    global batch (None: the flags' own), the universal checkpoint made by one process while the
+    others wait (polling, in no collective: a long conversion cannot time them out), and DeepSpeed
+    told to load it."""
     if gradient_accumulation_steps is not None:
         args.gradient_accumulation_steps = gradient_accumulation_steps
-    with args.main_process_first(local=False, desc="universal checkpoint conversion"):
-        if args.process_index == 0:
-            convert_to_universal(checkpoint, tag)
+    convert_to_universal(checkpoint, tag)
     load_universal_checkpoint(args)
 
 
@@ -144,12 +142,19 @@ def convert_to_universal(checkpoint: str | Path, tag: str | None = None, workers
     if universal_is_ready(checkpoint, tag):
         print0(f"Reusing the universal checkpoint {target}")
         return target
-    partial = checkpoint / f"{tag}_universal.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
+    build_once(target, lambda staging: _convert(checkpoint, tag, staging, workers),
+               f"the universal checkpoint {target}")
+    tag_file = checkpoint / UNIVERSAL_TAG_FILE
+    staged_tag = tag_file.with_name(f"{tag_file.name}.tmp-{os.getpid()}")
+    staged_tag.write_text(target.name)
+    os.replace(staged_tag, tag_file)
+    return target
+
+
+def _convert(checkpoint: Path, tag: str, output: Path, workers: int) -> None:
     print0(f"Converting {checkpoint / tag} to a universal checkpoint (DeepSpeed's ds_to_universal)")
     options = argparse.Namespace(
-        input_folder=str(checkpoint / tag), output_folder=str(partial), num_extract_workers=workers,
+        input_folder=str(checkpoint / tag), output_folder=str(output), num_extract_workers=workers,
         num_merge_workers=workers, keep_temp_folder=False, strict=True,
         # HF Trainer's engine does not record universal_checkpoint_info; DeepSpeed adds its default.
         inject_missing_state=True,
@@ -159,14 +164,8 @@ def convert_to_universal(checkpoint: str | Path, tag: str | None = None, workers
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             ds_to_universal.main(options)
     except Exception as error:  # noqa: BLE001 - DeepSpeed raises asserts and RuntimeErrors alike
-        shutil.rmtree(partial, ignore_errors=True)
         raise UserError(f"{checkpoint / tag}: DeepSpeed could not convert it to a universal checkpoint "
                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no message'})") from None
-    os.replace(partial, target)
-    tag_file = checkpoint / UNIVERSAL_TAG_FILE
-    tag_file.with_suffix(".tmp").write_text(target.name)
-    os.replace(tag_file.with_suffix(".tmp"), tag_file)
-    return target
 
 
 def load_universal_checkpoint(args) -> None:
