@@ -7,7 +7,6 @@ from the code under test.
 """
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -119,8 +118,7 @@ def test_datasets_count_kept_shortened_and_dropped(tmp_path, tok, capsys):
         {"prompt": long_prompt, "chosen": "Yes.", "rejected": "No."},
         {"prompt": "word " * 60, "chosen": "Yes.", "rejected": "No."},
     ])
-    data = preference_datasets(data_args(path, tmp_path, validation_split_percentage=0, max_length=32), tok, 0,
-                               lambda desc: nullcontext())
+    data = preference_datasets(data_args(path, tmp_path, validation_split_percentage=0, max_length=32), tok, 0)
     assert "Pairs: 2 kept, 1 shortened by dropping their oldest turns and 1 dropped" in capsys.readouterr().out
     train = data["train"]
     assert len(train) == 2 and set(train.column_names) >= {"prompt_ids", "chosen_ids", "rejected_ids", "margin"}

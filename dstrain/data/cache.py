@@ -179,6 +179,18 @@ def validation_draws(count: int, validation_percentage: float, seed: int) -> np.
     return np.fromiter((draw.random() * 100 < validation_percentage for _ in range(count)), dtype=bool, count=count)
 
 
+def cap_validation(records: Dataset, max_tokens: int, column: str = "input_ids") -> Dataset:
+    """Validation rows past the first `max_tokens` tokens (of `column`) of the split train instead (0: no cap)."""
+    marks = records.select_columns(["is_validation"]).with_format("numpy")[:]["is_validation"]
+    if not max_tokens or not marks.any():
+        return records
+    lengths = list_lengths(records, column)
+    over = marks & (np.cumsum(np.where(marks, lengths, 0)) > max_tokens)
+    if not over.any():
+        return records
+    return records.remove_columns("is_validation").add_column("is_validation", (marks & ~over).tolist())
+
+
 def split_by_marks(dataset: Dataset, with_validation: bool) -> dict:
     """{"train": ..., "validation": ...} from a dataset whose rows carry `is_validation`."""
     splits = {"train": dataset.filter(lambda marks: [not m for m in marks], input_columns="is_validation",

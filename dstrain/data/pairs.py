@@ -16,16 +16,26 @@ max_length loses its oldest exchanges (whole user/assistant turns, the system tu
 fits; one whose last user turn and longer reply do not fit even alone is dropped. Both are counted.
 """
 
+import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset
+import numpy as np
+from datasets import Dataset, Features, Sequence, Value
 
-from dstrain.data.cache import DataSpec, ProcessedDatasets, processed_datasets, split_by_marks
+from dstrain.data.cache import (
+    DataSpec,
+    ProcessedDatasets,
+    cap_validation,
+    list_lengths,
+    processed_datasets,
+    split_by_marks,
+)
 from dstrain.data.chat_format import check_turn_order
 from dstrain.data.chat_template import render
 from dstrain.data.records import ReadStats, read_records
+from dstrain.data.token_store import token_dtype
 from dstrain.distributed import print0
 from dstrain.errors import BadRecord, UserError
 
@@ -152,16 +162,6 @@ def fit_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, max_leng
     return None
 
 
-@dataclass
-class FitReport:
-    """What fitting did to one split; `truncated` and `dropped` go to the build report the data audit reads."""
-
-    kept: int = 0
-    truncated: int = 0  # shortened by dropping their oldest turns
-    dropped: int = 0
-    identical: int = 0
-
-
 @dataclass(frozen=True)
 class PairSpec(DataSpec):
     """Preference data: pairs rendered through the chat template, fitted to max_length."""
@@ -184,45 +184,63 @@ def preference_datasets(data_args, tokenizer, seed: int) -> ProcessedDatasets:
     return processed_datasets(spec, tokenizer)
 
 
-def _render_and_fit(spec: PairSpec, tokenizer, pairs) -> ProcessedDatasets:
-    max_length = spec.max_length
-    reports = {"train": FitReport(), "validation": FitReport()}
-    rows = {key: [] for key in ("prompt_ids", "chosen_ids", "rejected_ids", "margin", "source", "is_validation")}
-    for record in pairs:
-        report = reports["validation" if record["is_validation"] else "train"]
-        fitted = fit_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"], max_length)
-        if fitted is None:
-            report.dropped += 1
-            continue
-        pair, dropped_turns = fitted
-        if pair["chosen_ids"] == pair["rejected_ids"]:  # texts differing only where the template normalises
-            if not spec.skip_bad_records:
-                raise BadRecord(f"{record['source']}: 'chosen' and 'rejected' become the same tokens")
-            report.identical += 1
-            continue
-        report.kept += 1
-        report.truncated += dropped_turns > 0
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            rows[key].append(pair[key])
-        for key in ("margin", "source", "is_validation"):
-            rows[key].append(record[key])
-    kept, truncated, dropped, identical = (sum(getattr(r, key) for r in reports.values())
+KEPT, SHORTENED, DROPPED, IDENTICAL = 0, 1, 2, 3  # what fitting to max_length did to a pair
+
+
+def _render_and_fit(spec: PairSpec, tokenizer, pairs: Dataset) -> ProcessedDatasets:
+    ids = Sequence(Value(np.dtype(token_dtype(len(tokenizer))).name))
+    fitted = pairs.map(
+        _render_batch, batched=True, batch_size=256, num_proc=None if len(pairs) < 20_000 else
+        spec.workers or len(os.sched_getaffinity(0)),
+        fn_kwargs={"tokenizer": tokenizer, "max_length": spec.max_length, "skip_identical": spec.skip_bad_records},
+        remove_columns=["prompt", "chosen", "rejected"],
+        features=Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "margin": Value("float32"),
+                           "source": Value("string"), "is_validation": Value("bool"), "fit": Value("int8")}),
+        desc="Rendering pairs")
+    columns = fitted.select_columns(["is_validation", "fit"]).with_format("numpy")[:]
+    reports = {}
+    for name, in_split in (("train", ~columns["is_validation"]), ("validation", columns["is_validation"])):
+        fits = columns["fit"][in_split]
+        reports[name] = {"kept": int(np.isin(fits, (KEPT, SHORTENED)).sum()), "truncated": int((fits == SHORTENED).sum()),
+                         "dropped": int((fits == DROPPED).sum()), "identical": int((fits == IDENTICAL).sum())}
+    kept, truncated, dropped, identical = (sum(report[key] for report in reports.values())
                                            for key in ("kept", "truncated", "dropped", "identical"))
     print0(f"Pairs: {kept:,} kept, {truncated:,} shortened by dropping their oldest turns and "
-           f"{dropped:,} dropped (last user turn + reply longer than --max_length {max_length})"
+           f"{dropped:,} dropped (last user turn + reply longer than --max_length {spec.max_length})"
            + (f", {identical:,} skipped as identical after tokenizing" if identical else ""))
     if kept == 0:
-        raise UserError(f"no pair fits in --max_length {max_length}: raise it")
-
-    splits = split_by_marks(Dataset.from_dict(rows), with_validation=spec.holds_out)
+        raise UserError(f"no pair fits in --max_length {spec.max_length}: raise it")
+    fitted = fitted.filter(lambda fits: [fit in (KEPT, SHORTENED) for fit in fits], input_columns="fit", batched=True)
+    fitted = cap_validation(fitted.remove_columns("fit"), spec.max_validation_tokens, "chosen_ids")
+    splits = split_by_marks(fitted, with_validation=spec.holds_out)
     if "validation" in splits and len(splits["validation"]) == 0:
         raise UserError("the validation split holds no pair: raise --validation_split_percentage "
                         "or give --validation_files")
     for name, split in splits.items():
-        tokens = sum(len(p) * 2 + len(c) + len(r) for p, c, r in
-                     zip(split["prompt_ids"], split["chosen_ids"], split["rejected_ids"]))
+        tokens = (2 * int(list_lengths(split, "prompt_ids").sum()) + int(list_lengths(split, "chosen_ids").sum())
+                  + int(list_lengths(split, "rejected_ids").sum()))
         print0(f"Data: {name} {len(split):,} pairs, {tokens:,} tokens (both sides)")
-    return ProcessedDatasets(splits, report={name: asdict(reports[name]) for name in splits})
+    return ProcessedDatasets(splits, report={name: reports[name] for name in splits})
+
+
+def _render_batch(batch: dict, tokenizer, max_length: int, skip_identical: bool) -> dict:
+    """A batch of pairs rendered and fitted (fit: KEPT, SHORTENED by dropping old turns, DROPPED: the
+    last question and reply do not fit, IDENTICAL: both sides became the same tokens)."""
+    out = {key: [] for key in ("prompt_ids", "chosen_ids", "rejected_ids", "fit")}
+    for prompt, chosen, rejected, source in zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["source"]):
+        fitted = fit_pair(tokenizer, prompt, chosen, rejected, max_length)
+        pair, fit = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}, DROPPED
+        if fitted is not None:
+            pair, dropped_turns = fitted
+            fit = SHORTENED if dropped_turns else KEPT
+            if pair["chosen_ids"] == pair["rejected_ids"]:  # texts differing only where the template normalises
+                if not skip_identical:
+                    raise BadRecord(f"{source}: 'chosen' and 'rejected' become the same tokens")
+                fit = IDENTICAL
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            out[key].append(pair[key])
+        out["fit"].append(fit)
+    return out | {"margin": batch["margin"], "source": batch["source"], "is_validation": batch["is_validation"]}
 
 
 def as_reward_pairs(dataset: Dataset) -> Dataset:

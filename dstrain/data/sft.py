@@ -20,33 +20,39 @@ forward pass builds no KV cache: the collator asks for use_cache=False). With fl
 the collator flattens a batch into one padding-free row (see PackedRowsCollator).
 """
 
-import bisect
 import json
-from dataclasses import asdict, dataclass, field
+import os
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, Sequence, Value
 from transformers import DataCollatorForSeq2Seq
 
-from dstrain.data.cache import DataSpec, ProcessedDatasets, processed_datasets, split_by_marks
+from dstrain.data.cache import (
+    DataSpec,
+    ProcessedDatasets,
+    cap_validation,
+    list_lengths,
+    processed_datasets,
+    split_by_marks,
+)
 from dstrain.data.chat_format import iter_conversations
 from dstrain.data.chat_template import IGNORE, tokenize_conversation
 from dstrain.data.records import ReadStats
+from dstrain.data.token_store import token_dtype
 from dstrain.distributed import print0
 from dstrain.errors import UserError
 
 
-def assistant_spans(labels: list[int]) -> list[tuple[int, int]]:
+def assistant_spans(labels) -> list[tuple[int, int]]:
     """[start, end) of each run of trained tokens."""
-    spans, start = [], None
-    for i, label in enumerate(labels + [IGNORE]):
-        if label != IGNORE and start is None:
-            start = i
-        elif label == IGNORE and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
+    trained = np.concatenate([[False], np.asarray(labels) != IGNORE, [False]])
+    edges = np.nonzero(np.diff(trained.astype(np.int8)))[0]
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
 def fit_to_length(ids: list[int], labels: list[int], max_length: int):
@@ -59,37 +65,99 @@ def fit_to_length(ids: list[int], labels: list[int], max_length: int):
     return ids[:ends[-1]], labels[:ends[-1]]
 
 
-def pack_into_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Indices grouped into rows of at most max_length tokens: best fit, longest first, over the whole
-    split. TRL's pack_dataset (also best fit decreasing) is not used: it packs each map batch of 1,000
-    on its own, needs every column to be a token list (not our `source` strings) and gives no position_ids."""
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row number), kept sorted
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        slot = bisect.bisect_left(free, (lengths[index], -1))
-        if slot == len(free):
-            rows.append([index])
-            room, row = max_length - lengths[index], len(rows) - 1
+class _Rooms:
+    """The rooms (free tokens) of the open rows, for best fit: the smallest room that holds a length,
+    in O(log max_length) (a segment tree over room sizes keeping each range's largest room present),
+    and, per room size, the rows that have it, oldest first."""
+
+    def __init__(self, max_length: int):
+        self.size = 1 << max(1, (max_length - 1).bit_length())
+        self.tree = [0] * (2 * self.size)
+        self.rows: dict[int, deque] = {}
+
+    def _set(self, room: int, present: bool) -> None:
+        node = self.size + room - 1
+        self.tree[node] = room if present else 0
+        while node > 1:
+            node //= 2
+            self.tree[node] = max(self.tree[2 * node], self.tree[2 * node + 1])
+
+    def take(self, length: int) -> tuple[int, int] | None:
+        """(row, its room) of the oldest row with the smallest room >= length, taken out; or None."""
+        if self.tree[1] < length:
+            return None
+        node = 1
+        while node < self.size:
+            node = 2 * node if self.tree[2 * node] >= length else 2 * node + 1
+        room = self.tree[node]
+        row = self.rows[room].popleft()
+        if not self.rows[room]:
+            self._set(room, False)
+        return row, room
+
+    def put(self, row: int, room: int) -> None:
+        if room > 0:
+            if not self.rows.setdefault(room, deque()):
+                self._set(room, True)
+            self.rows[room].append(row)
+
+
+def packing_plan(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best fit decreasing: (the conversations in row order, each row's first position in that order,
+    plus the end). Longest first, each into the open row whose room fits it most tightly, a new row
+    when none does; within a row, in the order they were placed. Never cuts a conversation.
+    TRL's pack_dataset (also best fit decreasing) is not used: it packs each map batch of 1,000 on its
+    own, needs every column to be a token list (not our `source` strings) and gives no position_ids."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    placed = np.argsort(-lengths, kind="stable")
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    rooms, rows = _Rooms(max_length), 0
+    for index in placed.tolist():
+        length = int(lengths[index])
+        taken = rooms.take(length)
+        if taken is None:
+            row, room = rows, max_length
+            rows += 1
         else:
-            room, row = free.pop(slot)
-            rows[row].append(index)
-            room -= lengths[index]
-        bisect.insort(free, (room, row))
-    return rows
+            row, room = taken
+        row_of[index] = row
+        rooms.put(row, room - length)
+    order = placed[np.argsort(row_of[placed], kind="stable")]
+    return order, np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))])
 
 
-def packed_rows(examples: Dataset, max_length: int) -> Dataset:
-    rows = pack_into_rows([len(ids) for ids in examples["input_ids"]], max_length)
-    input_ids, labels = examples["input_ids"], examples["labels"]
-    packed = {
-        "input_ids": [[t for i in row for t in input_ids[i]] for row in rows],
-        "labels": [[t for i in row for t in labels[i]] for row in rows],
-        "position_ids": [[p for i in row for p in range(len(input_ids[i]))] for row in rows],
-    }
-    if "source" in examples.column_names:
-        sources = examples["source"]
-        packed["sources"] = [[sources[i] for i in row] for row in rows]
-    return Dataset.from_dict(packed)
+def pack_into_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Indices grouped into rows of at most max_length tokens (packing_plan as lists)."""
+    order, starts = packing_plan(np.asarray(lengths), max_length)
+    return [order[starts[row]:starts[row + 1]].tolist() for row in range(len(starts) - 1)]
+
+
+def packed_rows(examples: Dataset, max_length: int, batch_rows: int = 1000) -> Dataset:
+    """The conversations of `examples` packed by packing_plan: input_ids and labels concatenated,
+    position_ids restarting at each conversation, `sources` (with a `source` column), written to Arrow
+    a batch of rows at a time from the lengths alone (no Python list of the whole split)."""
+    order, starts = packing_plan(list_lengths(examples), max_length)
+    columns = ["input_ids", "labels"] + (["source"] if "source" in examples.column_names else [])
+    features = {"input_ids": examples.features["input_ids"], "labels": examples.features["labels"],
+                "position_ids": Sequence(Value("int32"))} | ({"sources": Sequence(Value("string"))}
+                                                              if "source" in columns else {})
+    numpy_rows = examples.select_columns(columns).with_format("numpy", columns=["input_ids", "labels"],
+                                                              output_all_columns=True)
+
+    def rows():
+        for first in range(0, len(starts) - 1, batch_rows):
+            last = min(first + batch_rows, len(starts) - 1)
+            members = numpy_rows[order[starts[first]:starts[last]]]
+            for row in range(first, last):
+                within = slice(int(starts[row] - starts[first]), int(starts[row + 1] - starts[first]))
+                ids = members["input_ids"][within]
+                packed = {"input_ids": np.concatenate(ids), "labels": np.concatenate(members["labels"][within]),
+                          "position_ids": np.concatenate([np.arange(len(part), dtype=np.int32) for part in ids])}
+                if "source" in columns:
+                    packed["sources"] = list(members["source"][within])
+                yield packed
+
+    return Dataset.from_generator(rows, features=Features(features))
 
 
 @dataclass
@@ -139,26 +207,7 @@ def sft_collator(tokenizer, packing: bool, attn_implementation: str | None = Non
 
 
 FIRST_DROPPED = 10  # how many dropped conversations the build report names
-
-
-@dataclass
-class LengthReport:
-    """What fitting to max_length did to one split; `dropped_first` names the first few dropped."""
-
-    kept: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    dropped_first: list = field(default_factory=list)  # {"source": "path:line", "first_reply_end": tokens}
-
-    def count(self, source: str, ids: list[int], labels: list[int], fitted) -> None:
-        if fitted is None:
-            self.dropped += 1
-            if len(self.dropped_first) < FIRST_DROPPED:
-                spans = assistant_spans(labels)
-                self.dropped_first.append({"source": source, "first_reply_end": spans[0][1] if spans else None})
-            return
-        self.kept += 1
-        self.truncated += len(fitted[0]) < len(ids)
+KEPT, TRUNCATED, DROPPED = 0, 1, 2  # what fitting to max_length did to a conversation
 
 
 @dataclass(frozen=True)
@@ -190,28 +239,25 @@ def sft_datasets(data_args, tokenizer, seed: int) -> ProcessedDatasets:
     return processed_datasets(spec, tokenizer)
 
 
-def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations) -> ProcessedDatasets:
-    reports = {"train": LengthReport(), "validation": LengthReport()}
-    rows = {"input_ids": [], "labels": [], "source": [], "is_validation": []}
-    for record in conversations:
-        ids, labels = tokenize_conversation(tokenizer, record["messages"])
-        fitted = fit_to_length(ids, labels, spec.max_length)
-        reports["validation" if record["is_validation"] else "train"].count(record["source"], ids, labels, fitted)
-        if fitted is None:
-            continue
-        rows["input_ids"].append(fitted[0])
-        rows["labels"].append(fitted[1])
-        rows["source"].append(record["source"])
-        rows["is_validation"].append(record["is_validation"])
-    kept, truncated, dropped = (sum(getattr(report, key) for report in reports.values())
+def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations: Dataset) -> ProcessedDatasets:
+    fitted = conversations.map(
+        _tokenize_and_fit, batched=True, batch_size=256, num_proc=_processes(spec.workers, len(conversations)),
+        fn_kwargs={"tokenizer": tokenizer, "max_length": spec.max_length}, remove_columns=["messages"],
+        features=Features({"input_ids": Sequence(Value(np.dtype(token_dtype(len(tokenizer))).name)),
+                           "labels": Sequence(Value("int32")), "source": Value("string"),
+                           "is_validation": Value("bool"), "fit": Value("int8"), "first_reply_end": Value("int32")}),
+        desc="Tokenizing conversations")
+    reports = _length_reports(fitted)
+    kept, truncated, dropped = (sum(report[key] for report in reports.values())
                                 for key in ("kept", "truncated", "dropped"))
     print0(f"Conversations: {kept:,} kept, {truncated:,} truncated at a turn boundary and "
            f"{dropped:,} dropped (first reply longer than --max_length {spec.max_length})")
     if kept == 0:
         raise UserError(f"every conversation is longer than --max_length {spec.max_length} "
                         "before its first reply ends; raise --max_length")
-
-    splits = split_by_marks(Dataset.from_dict(rows), with_validation=spec.holds_out)
+    fitted = fitted.filter(lambda fits: [fit != DROPPED for fit in fits], input_columns="fit", batched=True)
+    fitted = cap_validation(fitted.remove_columns(["fit", "first_reply_end"]), spec.max_validation_tokens)
+    splits = split_by_marks(fitted, with_validation=spec.holds_out)
     if "validation" in splits and len(splits["validation"]) == 0:
         raise UserError("the validation split holds no conversation: raise --validation_split_percentage "
                         "or give --validation_files")
@@ -219,12 +265,59 @@ def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations) -> ProcessedDat
         splits = {name: packed_rows(split, spec.max_length) for name, split in splits.items()}
     for name, split in splits.items():
         print0(_describe(name, split, spec.max_length, spec.packing))
-    return ProcessedDatasets(splits, report={name: asdict(reports[name]) for name in splits})
+    return ProcessedDatasets(splits, report={name: reports[name] for name in splits})
+
+
+def _processes(workers: int | None, rows: int) -> int | None:
+    """Worker processes for datasets' map: every core for large sets, none for small ones (starting them
+    costs more than tokenizing a few thousand conversations)."""
+    if rows < 20_000:
+        return None
+    return workers or len(os.sched_getaffinity(0))
+
+
+def _tokenize_and_fit(batch: dict, tokenizer, max_length: int) -> dict:
+    """A batch of conversations: ids, labels (-100 but on the replies), fitted to max_length (KEPT,
+    TRUNCATED at a turn boundary, or DROPPED: its first reply does not fit, then its ids are empty)."""
+    out = {key: [] for key in ("input_ids", "labels", "fit", "first_reply_end")}
+    for messages in batch["messages"]:
+        ids, labels = tokenize_conversation(tokenizer, messages)
+        spans = assistant_spans(labels)
+        fitted = fit_to_length(ids, labels, max_length)
+        out["first_reply_end"].append(spans[0][1] if spans else -1)
+        if fitted is None:
+            ids = labels = []
+            out["fit"].append(DROPPED)
+        else:
+            out["fit"].append(TRUNCATED if len(fitted[0]) < len(ids) else KEPT)
+            ids, labels = fitted
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    return out | {"source": batch["source"], "is_validation": batch["is_validation"]}
+
+
+def _length_reports(fitted: Dataset) -> dict:
+    """Per split: conversations kept (whole or truncated), truncated, dropped, and the first dropped by
+    file:line with where their first reply ends (for the audit), read from the Arrow columns."""
+    columns = fitted.select_columns(["is_validation", "fit"]).with_format("numpy")[:]
+    reports = {}
+    for name, in_split in (("train", ~columns["is_validation"]), ("validation", columns["is_validation"])):
+        fits = columns["fit"][in_split]
+        first_dropped = np.nonzero(in_split & (columns["fit"] == DROPPED))[0][:FIRST_DROPPED]
+        named = fitted.select(first_dropped) if len(first_dropped) else []
+        reports[name] = {"kept": int((fits != DROPPED).sum()), "truncated": int((fits == TRUNCATED).sum()),
+                         "dropped": int((fits == DROPPED).sum()),
+                         "dropped_first": [{"source": row["source"], "first_reply_end": row["first_reply_end"]}
+                                           for row in named]}
+    return reports
 
 
 def _describe(name: str, split: Dataset, max_length: int, packing: bool) -> str:
-    tokens = sum(len(ids) for ids in split["input_ids"])
-    trained = sum(sum(1 for label in labels if label != IGNORE) for labels in split["labels"])
+    tokens, trained = 0, 0
+    for table in split.select_columns(["labels"]).with_format("arrow").iter(batch_size=10_000):
+        labels = pc.list_flatten(table.column("labels"))
+        tokens += len(labels)
+        trained += int(pc.sum(pc.not_equal(labels, IGNORE)).as_py() or 0)
     shape = f"{len(split):,} packed rows of at most {max_length}" if packing else f"{len(split):,} conversations"
     return f"Data: {name} {shape}, {tokens:,} tokens, {trained:,} of them trained ({trained / max(tokens, 1):.0%})"
 
