@@ -6,18 +6,22 @@
     python data.py python-docs --output demo.jsonl          # a real corpus every CPython carries
     python data.py python-docs-chat --output chat.jsonl     # and a small chat set made from it
     python data.py python-docs-preferences --output prefs.jsonl   # and preference pairs
+    python data.py prepare pretrain.py configs/pretrain_tiny.json   # the training run's cache, built now
 
 Exit codes: 0 all good, 1 validate found bad records, 2 the command could not run.
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from dstrain.cli import cli_entry
+from dstrain.arguments import CorpusArguments, ModelArguments
+from dstrain.cli import build, cli_entry, parse_namespace, script_arguments
 from dstrain.data.python_docs import documentation_chats, documentation_preferences, documentation_texts
 from dstrain.data.records import ReadStats, expand_inputs, iter_texts, write_jsonl_atomically
 from dstrain.errors import UserError
+from dstrain.stages import stage_data, stage_of
 
 SPLITS = ("line", "paragraph", "file")
 
@@ -33,8 +37,8 @@ def validate(args) -> int:
             raise
     for problem in stats.problems[: args.max_reports]:
         print(problem)
-    if len(stats.problems) > args.max_reports:
-        print(f"... and {len(stats.problems) - args.max_reports} more")
+    if stats.skipped > args.max_reports:
+        print(f"... and {stats.skipped - args.max_reports} more")
     print(f"{stats.files} files, {stats.samples:,} samples, {stats.characters:,} characters, "
           f"{stats.skipped} bad records")
     return 1 if stats.skipped else 0
@@ -91,6 +95,24 @@ def python_docs_preferences(args) -> int:
     return 0
 
 
+def prepare(args) -> int:
+    """Build exactly the cache the training script will look for, from its own arguments (JSON config
+    and/or flags, read with its own parser), with every core; the run then starts on the cached data."""
+    if not Path(args.script).is_file():
+        raise UserError(f"prepare: no training script at {args.script}")
+    dataclass_types = script_arguments(args.script)
+    data_types = [kind for kind in dataclass_types if issubclass(kind, CorpusArguments)]
+    if not data_types:
+        raise UserError(f"prepare: {args.script} reads no training data")
+    namespace = parse_namespace(dataclass_types, args.script_args)
+    data_args = build(data_types[0], namespace)
+    started = time.perf_counter()
+    _, _, data = stage_data(stage_of(data_args), build(ModelArguments, namespace), data_args, namespace.seed)
+    splits = ", ".join(f"{name} {len(split):,} rows" for name, split in data.items())
+    print(f"Prepared the data of {args.script} in {time.perf_counter() - started:.1f}s: {splits}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +144,12 @@ def make_parser() -> argparse.ArgumentParser:
                                 help="write preference pairs (an answer vs its words scrambled) from Python's documentation")
     prefs.add_argument("--output", required=True)
     prefs.set_defaults(run=python_docs_preferences)
+
+    ready = commands.add_parser("prepare", help="build a training run's data cache now (its script, then its arguments)",
+                                prefix_chars="\0")  # every flag after the script is the script's
+    ready.add_argument("script", help="the training script: pretrain.py, sft.py, lora.py, reward.py or dpo.py")
+    ready.add_argument("script_args", nargs=argparse.REMAINDER, help="its JSON config and/or flags")
+    ready.set_defaults(run=prepare)
     return parser
 
 

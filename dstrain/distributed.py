@@ -106,7 +106,7 @@ def build_once(target: Path, build, what: str) -> None:
             handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             if not announced:
-                print(f"{what}: waiting for {_lock_owner(lock)} to build it", flush=True)
+                print0(f"{what}: waiting for {_lock_owner(lock)} to build it")
                 announced = True
             _wait_for(target, lock, error, what)
             continue

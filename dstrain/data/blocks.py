@@ -34,7 +34,7 @@ from dstrain.data.cache import (
 )
 from dstrain.data.records import expand_inputs, input_fingerprint
 from dstrain.data.token_store import TokenStore, build_store, input_bytes, token_dtype
-from dstrain.distributed import build_once, print0
+from dstrain.distributed import build_once, is_main_process, print0
 from dstrain.errors import UserError
 
 STORES = "stores"  # under --data_cache_dir: one folder per tokenized input, shared by every plan
@@ -88,7 +88,8 @@ class BlockSpec(DataSpec):
             if not folder.exists():
                 check_room(folder.parent, input_bytes(item) * np.dtype(token_dtype(len(tokenizer))).itemsize // 2)
             build_once(folder, lambda staging, item=item: build_store(
-                item, tokenizer, self.text_field, self.skip_bad_records, self.workers, staging), f"tokenizing {item}")
+                item, tokenizer, self.text_field, self.skip_bad_records, self.workers, staging, is_main_process()),
+                f"tokenizing {item}")
             store = TokenStore(folder)
             if store.meta["skipped"]:
                 print0(f"Skipped {store.meta['skipped']} bad records of {item} (--skip_bad_records); first: "

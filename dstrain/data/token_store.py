@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from dstrain.data.records import (
     DatasetInput,
@@ -195,7 +196,9 @@ def _tokenize_chunk(chunk) -> dict:
     ids = [encoding.ids + [_WORKER["eos"]] for encoding in encodings]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_WORKER["dtype"], count=int(lengths.sum()))
+    read = sum(map(len, chunk[3])) if chunk[0] == "lines" else sum(len(text or "") for text in texts)
     return {"tokens": tokens, "lengths": lengths, "rows": np.asarray(rows, dtype=np.int64), "problems": problems[:10],
+            "bytes": read,
             "skipped": skipped, "characters": sum(map(len, texts)),
             "max_id": int(tokens.max()) if len(tokens) else -1,
             "pad": int(np.count_nonzero(tokens == _WORKER["pad"])) if _WORKER["pad"] is not None else 0}
@@ -212,9 +215,15 @@ def input_bytes(item) -> int:
     return size * 4 if Path(item).suffix in (".gz", ".zst") else size
 
 
-def build_store(item, tokenizer, text_field: str, skip_bad_records: bool, workers: int | None, folder: Path) -> None:
-    """Tokenize `item` into a store written in `folder` (which must not exist yet)."""
+def build_store(item, tokenizer, text_field: str, skip_bad_records: bool, workers: int | None, folder: Path,
+                show_progress: bool = True) -> None:
+    """Tokenize `item` into a store written in `folder` (which must not exist yet), with a progress bar
+    (bytes read, tokens/s, time left) when `show_progress`.
+
+    """
     folder.mkdir(parents=True)
+    progress = tqdm(total=input_bytes(item), unit="B", unit_scale=True, desc=f"Tokenizing {Path(str(item)).name}",
+                    disable=not show_progress, mininterval=2)
     dtype = token_dtype(len(tokenizer))
     settings = (tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, text_field, skip_bad_records,
                 np.dtype(dtype).name, tokenizer.pad_token_id)
@@ -226,6 +235,9 @@ def build_store(item, tokenizer, text_field: str, skip_bad_records: bool, worker
         np.zeros(1, dtype=np.int64).tofile(offsets)
 
         def write(result: dict) -> None:
+            progress.update(result["bytes"])
+            progress.set_postfix(tokens_per_s=f"{totals['tokens'] / max(progress.format_dict['elapsed'], 1e-9):,.0f}",
+                                 refresh=False)
             result["tokens"].tofile(tokens)
             (totals["tokens"] + np.cumsum(result["lengths"])).tofile(offsets)
             result["rows"].tofile(rows)
@@ -243,8 +255,9 @@ def build_store(item, tokenizer, text_field: str, skip_bad_records: bool, worker
             for chunk in _chunks(item, text_field):
                 write(_tokenize_chunk(chunk))
         else:
-            # spawn, not fork: the parent may be a training rank with threads (gloo, CUDA) running.
-            context = multiprocessing.get_context("spawn")
+            # fork, as datasets' map does: spawn would import the entry script (torch, transformers) in every
+            # worker. The workers use numpy and the tokenizer only, never the parent's threads or CUDA.
+            context = multiprocessing.get_context("fork")
             with context.Pool(workers, initializer=_start_worker, initargs=settings) as pool:
                 pending = deque()
                 for chunk in _chunks(item, text_field):
@@ -253,6 +266,7 @@ def build_store(item, tokenizer, text_field: str, skip_bad_records: bool, worker
                         write(pending.popleft().get())
                 while pending:
                     write(pending.popleft().get())
+    progress.close()
     raise_if_nothing_read([item], stats)
     places = "row" if isinstance(item, DatasetInput) or input_kind(Path(item)) == "parquet" else \
         "record" if is_json_array(Path(item)) else "line"
