@@ -1,54 +1,125 @@
-"""Tokenize + pack throughput: pretrain.py's data pipeline against the tutorials' recipe.
+"""The data pipeline against its physical limit, the tokenizer, on a corpus of a size people train on.
 
-    python bench/data_pipeline.py                          # ../shared/data/pretrain_*.jsonl if present
-    python bench/data_pipeline.py --train_files corpus/*.jsonl --block_size 2048 --rounds 3
+    python bench/data_pipeline.py                       # makes a 1 GB JSONL corpus (and 1/8 of it) first
+    python bench/data_pipeline.py --gigabytes 0.25 --skip_recipe
 
-Both turn the same JSONL files into the same blocks of token ids with the same fast tokenizer,
-and the script asserts that their blocks are identical before it times anything:
-  recipe        run_clm.py's way, as the tutorials copy it: load_dataset("json"), map(tokenize),
-                map(group_texts) (the one change: an eos after each document, which ours adds and
-                without which documents would run together)
-  ours (cold)   utils/lm_data.pretraining_datasets with an empty cache: reads with file:line
-                provenance, tokenizes, packs, writes the cache and the audit's build report
-  ours (warm)   the same call again: what every later run with the same inputs pays
-Tokens per second are printed as ratios against the recipe measured in this run; each round
-runs every mode once, with fresh caches, and the fastest round of each counts.
+One run, side by side, on the same generated corpus, tokenizer and cores:
+  raw tokenizer   backend_tokenizer.encode_batch_fast over the texts already in memory, every core
+                  (Rust threads): the limit. Only the encode calls are timed.
+  ours (cold)     `data.py prepare pretrain.py ...` in a fresh process with an empty cache: read,
+                  tokenize in worker processes, write the token store, plan the blocks
+  ours (warm)     the same command again: what every later run with the same inputs pays
+  recipe          the tutorials' run_clm.py pipeline: load_dataset("json") + map(tokenize) +
+                  map(group_texts) (skip with --skip_recipe: it needs about 13 bytes a token of disk)
+Also: bytes per token of each cache, the peak resident memory of `ours (cold)` on the whole corpus
+and on 1/8 of it (it must not grow with the corpus), the peak disk of the cache directory during the
+cold build, and an SFT row: conversations/s of sft.py's data build against the chat template's
+rendering and tokenization alone (one process) on the same conversations.
 """
 
 import argparse
-import contextlib
-import itertools
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-from datasets import load_dataset
 from transformers import AutoTokenizer
 
-from dstrain.arguments import DataArguments
-from dstrain.data.blocks import pretraining_datasets
-from dstrain.data.python_docs import documentation_texts
-from dstrain.data.records import expand_inputs, iter_texts
+from dstrain.arguments import ChatDataArguments
+from dstrain.data.chat_template import tokenize_conversation
+from dstrain.data.python_docs import documentation_chats, documentation_texts
+from dstrain.data.records import iter_texts
+from dstrain.data.sft import sft_datasets
 from dstrain.data.tokenizer import train_bpe_tokenizer
 
-
-def corpus_files(args, workdir: Path) -> list[Path]:
-    shared = sorted((REPO.parent / "shared" / "data").glob("pretrain_*.jsonl"))
-    if args.train_files or shared:
-        return expand_inputs(args.train_files or [str(p) for p in shared])
-    print("Corpus made from Python's documentation (no ../shared/data here)")
-    import json
-
-    path = workdir / "pydoc.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in documentation_texts()), encoding="utf-8")
-    return [path]
+REPO = Path(__file__).resolve().parent.parent
 
 
-def recipe(files: list[Path], tokenizer, block_size: int, cache: Path):
-    """The tutorials' pipeline (transformers' run_clm.py), kept as they write it."""
-    raw = load_dataset("json", data_files=[str(f) for f in files], split="train", cache_dir=str(cache))
+def make_corpus(path: Path, gigabytes: float, seed: int = 0) -> None:
+    """Documents of 1 to 40 paragraphs drawn from Python's documentation, until the file has the size."""
+    paragraphs = [p for text in documentation_texts() for p in text.split("\n\n") if p.strip()]
+    draw, target, written = random.Random(seed), int(gigabytes * 1e9), 0
+    with open(path, "w", encoding="utf-8") as handle:
+        while written < target:
+            line = json.dumps({"text": "\n\n".join(draw.choices(paragraphs, k=draw.randint(1, 40)))}) + "\n"
+            handle.write(line)
+            written += len(line.encode())
+
+
+def raw_tokenizer(path: Path, tokenizer) -> tuple[int, float]:
+    """Tokens and seconds of encode_batch_fast alone, batches of 1,000 documents, every core."""
+    backend, tokens, seconds = tokenizer.backend_tokenizer, 0, 0.0
+    batch = []
+    with open(path, "rb") as handle:
+        for line in handle:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 1000:
+                tokens, seconds = _encode(backend, batch, tokens, seconds)
+                batch = []
+    if batch:
+        tokens, seconds = _encode(backend, batch, tokens, seconds)
+    return tokens, seconds
+
+
+def _encode(backend, batch, tokens, seconds):
+    start = time.perf_counter()
+    encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
+    seconds += time.perf_counter() - start
+    return tokens + sum(len(e.ids) + 1 for e in encodings), seconds  # + the eos each document gets
+
+
+class DiskWatch(threading.Thread):
+    """The largest size a folder reaches while it runs (sampled every 0.5 s)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(daemon=True)
+        self.folder, self.peak, self.stopped = folder, 0, threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(0.5):
+            self.peak = max(self.peak, folder_bytes(self.folder))
+
+    def stop(self) -> int:
+        self.stopped.set()
+        self.join()
+        return max(self.peak, folder_bytes(self.folder))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+def prepare(corpus: Path, tokenizer_dir: Path, cache: Path, block_size: int) -> tuple[float, int, int]:
+    """(seconds, peak RSS bytes, peak disk bytes) of `data.py prepare` in a fresh process. The RSS is
+    the largest of any child process so far (getrusage's RUSAGE_CHILDREN): run smaller corpora first."""
+    command = [sys.executable, str(REPO / "data.py"), "prepare", str(REPO / "pretrain.py"),
+               "--tokenizer_name", str(tokenizer_dir), "--config_name", "tiny", "--train_files", str(corpus),
+               "--block_size", str(block_size), "--validation_split_percentage", "0", "--data_cache_dir", str(cache),
+               "--output_dir", str(cache / "out")]
+    watch = DiskWatch(cache)
+    watch.start()
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    seconds = time.perf_counter() - start
+    disk = watch.stop()
+    if done.returncode:
+        raise SystemExit(f"data.py prepare failed:\n{done.stderr[-3000:]}")
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, disk
+
+
+def recipe(corpus: Path, tokenizer, block_size: int, cache: Path) -> float:
+    """The tutorials' pipeline (transformers' run_clm.py), kept as they write it, plus an eos a document."""
+    from datasets import load_dataset  # noqa: PLC0415 - the baseline only
+
+    start = time.perf_counter()
+    raw = load_dataset("json", data_files=[str(corpus)], split="train", cache_dir=str(cache))
     eos = tokenizer.eos_token_id
 
     def tokenize_function(examples):
@@ -58,61 +129,83 @@ def recipe(files: list[Path], tokenizer, block_size: int, cache: Path):
         return output
 
     def group_texts(examples):
-        concatenated = {k: list(itertools.chain(*examples[k])) for k in examples.keys()}
-        total_length = len(concatenated[list(examples.keys())[0]])
-        total_length = (total_length // block_size) * block_size
-        result = {k: [t[i: i + block_size] for i in range(0, total_length, block_size)]
-                  for k, t in concatenated.items()}
+        concatenated = {k: sum(examples[k], []) for k in examples.keys()}
+        total = len(concatenated["input_ids"]) // block_size * block_size
+        result = {k: [t[i: i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()}
         result["labels"] = result["input_ids"].copy()
         return result
 
     tokenized = raw.map(tokenize_function, batched=True, remove_columns=raw.column_names)
-    return tokenized.map(group_texts, batched=True)
+    tokenized.map(group_texts, batched=True)
+    return time.perf_counter() - start
 
 
-def ours(files: list[Path], tokenizer, block_size: int, cache: Path):
-    data_args = DataArguments(train_files=[str(f) for f in files], validation_split_percentage=0,
-                              data_cache_dir=str(cache))
-    return pretraining_datasets(data_args, tokenizer, block_size, seed=0,
-                                main_process_first=lambda **_: contextlib.nullcontext())["train"]
+def sft_row(tokenizer, workdir: Path, conversations: int) -> tuple[float, float]:
+    """(conversations/s of sft_datasets, of rendering + tokenizing alone in this process)."""
+    chats = documentation_chats()
+    path = workdir / "chats.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(conversations):
+            handle.write(json.dumps(chats[i % len(chats)]) + "\n")
+    start = time.perf_counter()
+    for i in range(conversations):
+        tokenize_conversation(tokenizer, chats[i % len(chats)]["messages"])
+    alone = conversations / (time.perf_counter() - start)
+    start = time.perf_counter()
+    sft_datasets(ChatDataArguments(train_files=[str(path)], data_cache_dir=str(workdir / "sft-cache"),
+                                   max_length=1024, packing=True), tokenizer, seed=0)
+    return conversations / (time.perf_counter() - start), alone
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train_files", nargs="*")
-    parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument("--gigabytes", type=float, default=1.0)
+    parser.add_argument("--block_size", type=int, default=2048)
     parser.add_argument("--vocab_size", type=int, default=8000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--conversations", type=int, default=50_000)
+    parser.add_argument("--skip_recipe", action="store_true")
+    parser.add_argument("--workdir", help="keep the corpus and caches here (default: a temporary folder)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         workdir = Path(tmp)
-        files = corpus_files(args, workdir)
-        train_bpe_tokenizer(iter_texts(files), vocab_size=args.vocab_size).save_pretrained(workdir / "tok")
+        big, small = workdir / "corpus.jsonl", workdir / "corpus-eighth.jsonl"
+        make_corpus(big, args.gigabytes)
+        make_corpus(small, args.gigabytes / 8, seed=1)
+        sample = list(iter_texts([small]))[:20_000]
+        train_bpe_tokenizer(iter(sample), vocab_size=args.vocab_size).save_pretrained(workdir / "tok")
         tokenizer = AutoTokenizer.from_pretrained(workdir / "tok")
-        size = sum(f.stat().st_size for f in files)
-        print(f"{', '.join(map(str, files))}: {size / 1e6:.2f} MB, tokenizer of {len(tokenizer)} tokens, "
-              f"blocks of {args.block_size}")
+        cores = len(os.sched_getaffinity(0))
+        print(f"corpus {big.stat().st_size / 1e9:.2f} GB, tokenizer of {len(tokenizer):,} tokens, {cores} cores")
 
-        # Same blocks from both, checked before timing.
-        baseline_ids = recipe(files, tokenizer, args.block_size, workdir / "check-recipe")["input_ids"]
-        our_ids = ours(files, tokenizer, args.block_size, workdir / "check-ours")["input_ids"]
-        assert our_ids == baseline_ids, "the two pipelines disagree"
-        tokens = len(our_ids) * args.block_size
-        print(f"Both give the same {len(our_ids):,} blocks ({tokens:,} tokens)")
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)  # the limit uses every core
+        tokens, seconds = raw_tokenizer(big, tokenizer)
+        rows = [("raw tokenizer", seconds, None, None, None)]
+        _, rss_small, _ = prepare(small, workdir / "tok", workdir / "ours-eighth", args.block_size)
+        cold, rss, disk = prepare(big, workdir / "tok", workdir / "ours", args.block_size)
+        cache_bytes = folder_bytes(workdir / "ours")
+        rows.append(("ours (cold)", cold, cache_bytes, rss, disk))
+        warm, _, _ = prepare(big, workdir / "tok", workdir / "ours", args.block_size)
+        rows.append(("ours (warm)", warm, cache_bytes, None, None))
+        if not args.skip_recipe:
+            seconds_recipe = recipe(big, tokenizer, args.block_size, workdir / "recipe")
+            rows.append(("recipe", seconds_recipe, folder_bytes(workdir / "recipe"), None, None))
+            shutil.rmtree(workdir / "recipe", ignore_errors=True)
 
-        timings = {"recipe": [], "ours (cold)": [], "ours (warm)": []}
-        for round_ in range(args.rounds):
-            for mode in timings:
-                # Fresh caches each round; ours (warm) reuses the one its cold run just filled.
-                cache = workdir / f"{mode.split()[0]}-{round_}"
-                start = time.perf_counter()
-                (recipe if mode == "recipe" else ours)(files, tokenizer, args.block_size, cache)
-                timings[mode].append(time.perf_counter() - start)
-        seconds = {mode: min(times) for mode, times in timings.items()}
-        print(f"{'pipeline':<12} {'seconds':>8} {'tokens/s':>12} {'ratio':>7}")
-        for mode, s in seconds.items():
-            print(f"{mode:<12} {s:>8.2f} {tokens / s:>12,.0f} {seconds['recipe'] / s:>6.2f}x")
+        print(f"{tokens:,} tokens")
+        print(f"{'pipeline':<15}{'seconds':>9}{'tokens/s':>13}{'x limit':>9}{'bytes/token':>13}{'peak RSS':>11}"
+              f"{'peak disk':>11}")
+        for name, seconds_, size, peak_rss, peak_disk in rows:
+            print(f"{name:<15}{seconds_:>9.1f}{tokens / seconds_:>13,.0f}{rows[0][1] / seconds_:>9.2f}"
+                  f"{(f'{size / tokens:.2f}' if size else '-'):>13}"
+                  f"{(f'{peak_rss / 2**30:.2f} GiB' if peak_rss else '-'):>11}"
+                  f"{(f'{peak_disk / 2**30:.2f} GiB' if peak_disk else '-'):>11}")
+        print(f"peak RSS of ours (cold): {rss / 2**30:.2f} GiB on the corpus, {rss_small / 2**30:.2f} GiB on 1/8 of it "
+              f"({rss / rss_small:.2f}x); peak disk {disk / cache_bytes:.2f}x the final cache")
+        ours_rate, alone_rate = sft_row(tokenizer, workdir, args.conversations)
+        print(f"SFT: {ours_rate:,.0f} conversations/s built (sft_datasets, packed) against {alone_rate:,.0f}/s "
+              f"rendered and tokenized alone in one process ({ours_rate / alone_rate:.2f}x)")
+        print(f"this process's peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

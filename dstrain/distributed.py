@@ -100,6 +100,8 @@ def build_once(target: Path, build, what: str) -> None:
     target = Path(target)
     lock, error = target.with_name(target.name + ".lock"), target.with_name(target.name + ".error")
     announced = False
+    if not target.exists() and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        time.sleep(1)  # ranks start together: let rank 0 take the lock, so its progress bar is the one printed
     while not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:

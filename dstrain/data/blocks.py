@@ -90,11 +90,7 @@ class BlockSpec(DataSpec):
             build_once(folder, lambda staging, item=item: build_store(
                 item, tokenizer, self.text_field, self.skip_bad_records, self.workers, staging, is_main_process()),
                 f"tokenizing {item}")
-            store = TokenStore(folder)
-            if store.meta["skipped"]:
-                print0(f"Skipped {store.meta['skipped']} bad records of {item} (--skip_bad_records); first: "
-                       f"{store.meta['problems'][0]}")
-            found.append(store)
+            found.append(TokenStore(folder))
         return found
 
     def make(self, tokenizer, folder: Path) -> None:
@@ -289,6 +285,10 @@ def pretraining_datasets(data_args, tokenizer, block_size: int, seed: int) -> Pr
     """Train (and, if any, validation) blocks: PackedBlocks datasets over the token stores."""
     spec = BlockSpec.from_arguments(data_args, seed, text_field=data_args.text_field, block_size=block_size)
     packed = processed_datasets(spec, tokenizer)
+    for store in next(iter(packed.values())).stores:  # printed by every run, built or reused
+        if store.meta["skipped"]:
+            print0(f"Skipped {store.meta['skipped']} bad records of {store.meta['input']} (--skip_bad_records); "
+                   f"first: {store.meta['problems'][0]}")
     print0(_describe(packed, block_size))
     return packed
 

@@ -48,6 +48,14 @@ class ProcessedDatasets(dict):
         self.report = report or {}
 
 
+def skipped_records(report: dict) -> str | None:
+    """The line saying how many bad records the build skipped (--skip_bad_records), if it skipped any."""
+    train = report.get("train", {})
+    if not train.get("skipped"):
+        return None
+    return f"Skipped {train['skipped']} bad records (--skip_bad_records); first: {train['skipped_first']}"
+
+
 def tokenizer_identity(tokenizer) -> str:
     content = tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template or "") + str(tokenizer.eos_token_id)
     return hashlib.sha256(content.encode()).hexdigest()
@@ -104,11 +112,11 @@ class DataSpec:
         """Write the processed splits into `folder` (records read, then built, then saved)."""
         stats = {"train": ReadStats(), "validation": ReadStats()}
         records = records_dataset(_marked_records, folder / "scratch", spec=self, stats=stats)
-        skipped = stats["train"].skipped + stats["validation"].skipped
-        if skipped:
-            first = (stats["train"].problems + stats["validation"].problems)[0]
-            print0(f"Skipped {skipped} bad records (--skip_bad_records); first: {first}")
         built = self.build(tokenizer, records, folder / "scratch")
+        skipped = stats["train"].skipped + stats["validation"].skipped
+        if skipped:  # every run prints it from the report (skipped_records), not just the one that built
+            built.report["train"]["skipped"] = skipped
+            built.report["train"]["skipped_first"] = (stats["train"].problems + stats["validation"].problems)[0]
         DatasetDict(built).save_to_disk(str(folder / "splits"), num_proc=None)
         (folder / REPORT_FILE).write_text(json.dumps(built.report))
         shutil.rmtree(folder / "scratch", ignore_errors=True)

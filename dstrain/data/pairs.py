@@ -30,6 +30,7 @@ from dstrain.data.cache import (
     cap_validation,
     list_lengths,
     processed_datasets,
+    skipped_records,
     split_by_marks,
 )
 from dstrain.data.chat_format import check_turn_order
@@ -167,7 +168,7 @@ class PairSpec(DataSpec):
     """Preference data: pairs rendered through the chat template, fitted to max_length."""
 
     kind = "preference"
-    layout = "2"  # 2: the build report (truncated, dropped per split)
+    layout = "3"  # 3: compact types; rows and tokens in the build report
 
     max_length: int = 1024
 
@@ -181,7 +182,11 @@ class PairSpec(DataSpec):
 def preference_datasets(data_args, tokenizer, seed: int) -> ProcessedDatasets:
     """Train (and validation) pairs as prompt_ids / chosen_ids / rejected_ids (+ margin, source)."""
     spec = PairSpec.from_arguments(data_args, seed, max_length=data_args.max_length)
-    return processed_datasets(spec, tokenizer)
+    data = processed_datasets(spec, tokenizer)
+    if (skipped := skipped_records(data.report)) is not None:
+        print0(skipped)
+    print0(describe(data, spec.max_length))
+    return data
 
 
 KEPT, SHORTENED, DROPPED, IDENTICAL = 0, 1, 2, 3  # what fitting to max_length did to a pair
@@ -205,9 +210,6 @@ def _render_and_fit(spec: PairSpec, tokenizer, pairs: Dataset) -> ProcessedDatas
                          "dropped": int((fits == DROPPED).sum()), "identical": int((fits == IDENTICAL).sum())}
     kept, truncated, dropped, identical = (sum(report[key] for report in reports.values())
                                            for key in ("kept", "truncated", "dropped", "identical"))
-    print0(f"Pairs: {kept:,} kept, {truncated:,} shortened by dropping their oldest turns and "
-           f"{dropped:,} dropped (last user turn + reply longer than --max_length {spec.max_length})"
-           + (f", {identical:,} skipped as identical after tokenizing" if identical else ""))
     if kept == 0:
         raise UserError(f"no pair fits in --max_length {spec.max_length}: raise it")
     fitted = fitted.filter(lambda fits: [fit in (KEPT, SHORTENED) for fit in fits], input_columns="fit", batched=True)
@@ -217,10 +219,22 @@ def _render_and_fit(spec: PairSpec, tokenizer, pairs: Dataset) -> ProcessedDatas
         raise UserError("the validation split holds no pair: raise --validation_split_percentage "
                         "or give --validation_files")
     for name, split in splits.items():
-        tokens = (2 * int(list_lengths(split, "prompt_ids").sum()) + int(list_lengths(split, "chosen_ids").sum())
-                  + int(list_lengths(split, "rejected_ids").sum()))
-        print0(f"Data: {name} {len(split):,} pairs, {tokens:,} tokens (both sides)")
+        reports[name] |= {"rows": len(split), "tokens": 2 * int(list_lengths(split, "prompt_ids").sum())
+                          + int(list_lengths(split, "chosen_ids").sum()) + int(list_lengths(split, "rejected_ids").sum())}
     return ProcessedDatasets(splits, report={name: reports[name] for name in splits})
+
+
+def describe(data: ProcessedDatasets, max_length: int) -> str:
+    """What fitting did and what each split holds, from the build report (printed whether the run built
+    the data or found it in the cache)."""
+    kept, truncated, dropped, identical = (sum(split[key] for split in data.report.values())
+                                           for key in ("kept", "truncated", "dropped", "identical"))
+    lines = [f"Pairs: {kept:,} kept, {truncated:,} shortened by dropping their oldest turns and {dropped:,} dropped "
+             f"(last user turn + reply longer than --max_length {max_length})"
+             + (f", {identical:,} skipped as identical after tokenizing" if identical else "")]
+    lines += [f"Data: {name} {split['rows']:,} pairs, {split['tokens']:,} tokens (both sides)"
+              for name, split in data.report.items()]
+    return "\n".join(lines)
 
 
 def _render_batch(batch: dict, tokenizer, max_length: int, skip_identical: bool) -> dict:

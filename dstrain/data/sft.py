@@ -38,6 +38,7 @@ from dstrain.data.cache import (
     cap_validation,
     list_lengths,
     processed_datasets,
+    skipped_records,
     split_by_marks,
 )
 from dstrain.data.chat_format import iter_conversations
@@ -215,7 +216,7 @@ class ChatSpec(DataSpec):
     """SFT data: conversations tokenized with the assistant mask, fitted to max_length, maybe packed."""
 
     kind = "sft"
-    layout = "2"  # 2: source / sources columns and the build report
+    layout = "3"  # 3: compact types; token counts in the build report
 
     data_format: str = "auto"
     system_prompt: str | None = None
@@ -236,7 +237,11 @@ def sft_datasets(data_args, tokenizer, seed: int) -> ProcessedDatasets:
     spec = ChatSpec.from_arguments(data_args, seed, data_format=data_args.data_format,
                                    system_prompt=data_args.system_prompt, max_length=data_args.max_length,
                                    packing=data_args.packing)
-    return processed_datasets(spec, tokenizer)
+    data = processed_datasets(spec, tokenizer)
+    if (skipped := skipped_records(data.report)) is not None:
+        print0(skipped)
+    print0(describe(data, spec.max_length, spec.packing))
+    return data
 
 
 def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations: Dataset) -> ProcessedDatasets:
@@ -250,8 +255,6 @@ def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations: Dataset) -> Pro
     reports = _length_reports(fitted)
     kept, truncated, dropped = (sum(report[key] for report in reports.values())
                                 for key in ("kept", "truncated", "dropped"))
-    print0(f"Conversations: {kept:,} kept, {truncated:,} truncated at a turn boundary and "
-           f"{dropped:,} dropped (first reply longer than --max_length {spec.max_length})")
     if kept == 0:
         raise UserError(f"every conversation is longer than --max_length {spec.max_length} "
                         "before its first reply ends; raise --max_length")
@@ -264,7 +267,7 @@ def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations: Dataset) -> Pro
     if spec.packing:
         splits = {name: packed_rows(split, spec.max_length) for name, split in splits.items()}
     for name, split in splits.items():
-        print0(_describe(name, split, spec.max_length, spec.packing))
+        reports[name] |= _token_counts(split)
     return ProcessedDatasets(splits, report={name: reports[name] for name in splits})
 
 
@@ -312,14 +315,29 @@ def _length_reports(fitted: Dataset) -> dict:
     return reports
 
 
-def _describe(name: str, split: Dataset, max_length: int, packing: bool) -> str:
+def _token_counts(split: Dataset) -> dict:
+    """Rows, tokens and trained tokens of a split, read from its Arrow labels column."""
     tokens, trained = 0, 0
     for table in split.select_columns(["labels"]).with_format("arrow").iter(batch_size=10_000):
         labels = pc.list_flatten(table.column("labels"))
         tokens += len(labels)
         trained += int(pc.sum(pc.not_equal(labels, IGNORE)).as_py() or 0)
-    shape = f"{len(split):,} packed rows of at most {max_length}" if packing else f"{len(split):,} conversations"
-    return f"Data: {name} {shape}, {tokens:,} tokens, {trained:,} of them trained ({trained / max(tokens, 1):.0%})"
+    return {"rows": len(split), "tokens": tokens, "trained_tokens": trained}
+
+
+def describe(data: ProcessedDatasets, max_length: int, packing: bool) -> str:
+    """What fitting did and what each split holds, from the build report: printed by every run, whether
+    it built the data or found it in the cache."""
+    report = data.report
+    kept, truncated, dropped = (sum(split[key] for split in report.values()) for key in ("kept", "truncated", "dropped"))
+    lines = [f"Conversations: {kept:,} kept, {truncated:,} truncated at a turn boundary and {dropped:,} dropped "
+             f"(first reply longer than --max_length {max_length})"]
+    for name, split in report.items():
+        shape = (f"{split['rows']:,} packed rows of at most {max_length}" if packing
+                 else f"{split['rows']:,} conversations")
+        lines.append(f"Data: {name} {shape}, {split['tokens']:,} tokens, {split['trained_tokens']:,} of them trained "
+                     f"({split['trained_tokens'] / max(split['tokens'], 1):.0%})")
+    return "\n".join(lines)
 
 
 def write_preview(dataset: Dataset, tokenizer, count: int, path: Path) -> None:

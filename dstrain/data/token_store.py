@@ -223,14 +223,14 @@ def build_store(item, tokenizer, text_field: str, skip_bad_records: bool, worker
     """
     folder.mkdir(parents=True)
     progress = tqdm(total=input_bytes(item), unit="B", unit_scale=True, desc=f"Tokenizing {Path(str(item)).name}",
-                    disable=not show_progress, mininterval=2)
+                    disable=not show_progress, mininterval=2, leave=False)
     dtype = token_dtype(len(tokenizer))
     settings = (tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, text_field, skip_bad_records,
                 np.dtype(dtype).name, tokenizer.pad_token_id)
     workers = workers or len(os.sched_getaffinity(0))
     stats = ReadStats(files=1)
     totals = {"documents": 0, "tokens": 0, "max_id": -1, "pad": 0, "problems": []}
-    with open(folder / "tokens.bin", "wb") as tokens, open(folder / "offsets.bin", "wb") as offsets, \
+    with progress, open(folder / "tokens.bin", "wb") as tokens, open(folder / "offsets.bin", "wb") as offsets, \
             open(folder / "rows.bin", "wb") as rows:
         np.zeros(1, dtype=np.int64).tofile(offsets)
 
@@ -266,7 +266,6 @@ def build_store(item, tokenizer, text_field: str, skip_bad_records: bool, worker
                         write(pending.popleft().get())
                 while pending:
                     write(pending.popleft().get())
-    progress.close()
     raise_if_nothing_read([item], stats)
     places = "row" if isinstance(item, DatasetInput) or input_kind(Path(item)) == "parquet" else \
         "record" if is_json_array(Path(item)) else "line"
