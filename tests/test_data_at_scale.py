@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 from datasets import Dataset
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from dstrain.arguments import ChatDataArguments, DataArguments
+from dstrain.audit import audit
 from dstrain.data import token_store
 from dstrain.data.blocks import pretraining_datasets
 from dstrain.data.records import ReadStats, expand_inputs, iter_texts
@@ -123,7 +124,7 @@ def test_stores_are_compact_and_blocks_do_not_depend_on_the_number_of_workers(tm
     assert cache_bytes / planned <= 2.2, cache_bytes / planned
 
 
-def test_a_mixture_trains_each_source_at_its_share_by_the_seed(tmp_path, tok):
+def test_a_mixture_trains_each_source_at_its_share_by_the_seed(tmp_path, tok, base_model):
     """web (big) at 0.25 and code (small) at 0.75: the small one is repeated, the big one sampled
     down; the achieved shares are within 1% of the weights, and the plan is the seed's."""
     web = corpus(tmp_path / "web.jsonl", 1200, seed=1)
@@ -135,6 +136,9 @@ def test_a_mixture_trains_each_source_at_its_share_by_the_seed(tmp_path, tok):
     sources = data.report["train"]["sources"]
     assert sources["names"] == [str(web), str(code.parent)]
     assert np.allclose(sources["achieved"], [0.25, 0.75], atol=0.01), sources
+    rendered = audit("pretrain", data, tok, AutoConfig.from_pretrained(base_model)).render()
+    line = next(line for line in rendered.splitlines() if line.strip().startswith("sources (train):"))
+    assert f"{web} planned 25.0%, achieved 2" in line and f"{code.parent} planned 75.0%" in line and "epochs" in line
     again = pretraining_datasets(args, tok, 64, seed=5)
     other = pretraining_datasets(args, tok, 64, seed=6)
     first = lambda d: [d["train"][i]["input_ids"].tolist() for i in range(5)]  # noqa: E731
@@ -142,6 +146,35 @@ def test_a_mixture_trains_each_source_at_its_share_by_the_seed(tmp_path, tok):
     with pytest.raises(UserError, match="give every source a weight"):
         pretraining_datasets(DataArguments(train_files=[f"{web}:0.5", str(code)], data_cache_dir=str(tmp_path)),
                              tok, 64, seed=5)
+
+
+def test_no_room_for_the_tokens_is_refused_before_tokenizing(tmp_path, tok, monkeypatch):
+    from dstrain.data import blocks
+
+    path = corpus(tmp_path / "corpus.jsonl", 50, seed=0)
+    monkeypatch.setattr(blocks.shutil, "disk_usage", lambda folder: shutil_usage(free=1000))
+    with pytest.raises(UserError, match="GiB free, but tokenizing the corpus needs about"):
+        pretraining_datasets(DataArguments(train_files=[str(path)], data_cache_dir=str(tmp_path / "cache")), tok, 32,
+                             seed=1)
+    assert not (tmp_path / "cache" / "stores").exists() or not any((tmp_path / "cache" / "stores").iterdir())
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=10 ** 12, used=10 ** 12 - free, free=free)
+
+
+def test_the_split_checks_run_once_and_are_kept_beside_the_data(tmp_path, tok, base_model):
+    path = corpus(tmp_path / "corpus.jsonl", 300, seed=3)
+    data = pretraining_datasets(DataArguments(train_files=[str(path)], data_cache_dir=str(tmp_path / "cache")), tok, 32,
+                                seed=1)
+    config = AutoConfig.from_pretrained(base_model)
+    first = audit("pretrain", data, tok, config)
+    [kept] = list(data.folder.glob("audit-*"))
+    written = (kept / "splits.json").stat().st_mtime_ns
+    assert audit("pretrain", data, tok, config).render() == first.render()
+    assert (kept / "splits.json").stat().st_mtime_ns == written  # read, not computed again
 
 
 def test_the_validation_split_stops_at_its_token_cap(tmp_path, tok):

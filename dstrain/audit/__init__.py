@@ -15,20 +15,26 @@ config and embedding:
 7. a summary per split: samples, tokens, trained share, truncated and dropped, length histogram.
 Every problem comes with a count and the first offending records by file:line.
 
-Where each part lives: findings.py (what a problem and the report are), columns.py (reading token
+The checks over the splits read the data once per filesystem (the first process runs them, every
+other one reads its findings, kept beside the cached data), then every rank checks the model itself
+(under ZeRO-3 the embedding is gathered from all) and all agree on one verdict. Where each part lives: findings.py (what a problem and the report are), columns.py (reading token
 columns), splits.py (the checks over each stage's rows: every stage registers one function over a
 split), model_checks.py (template, tokenizer and model), this module (running them all, the
 verdict every rank reaches together). The scan reads the token columns in Arrow batches with numpy,
 never a Python loop per token, so it costs seconds where tokenizing cost minutes.
 """
 
+import json
 import os
+from dataclasses import asdict
+from pathlib import Path
 
-from dstrain.audit.findings import Audit
+from dstrain.audit.findings import Audit, Finding, SplitAudit
 from dstrain.audit.model_checks import embedding_rows, model_findings, planned_generation_config, template_findings
 from dstrain.audit.splits import STAGES, AuditContext
+from dstrain.data.cache import cache_key
 from dstrain.data.chat_template import closing_token
-from dstrain.distributed import any_rank, finish, is_main_process, print0
+from dstrain.distributed import any_rank, build_once, finish, is_main_process, print0
 from dstrain.errors import UserError
 
 __all__ = ["STAGES", "Audit", "audit", "audit_before_training", "log_to_wandb", "planned_generation_config"]
@@ -43,14 +49,39 @@ def audit(stage: str, data, tokenizer, config=None, generation_config=None, mode
     end_of_turn = closing_token(tokenizer) if checks.chat else None
     findings = template_findings(tokenizer, end_of_turn, generation_config) if checks.chat else []
     findings += model_findings(tokenizer, config, generation_config, model)
-    report, splits = getattr(data, "report", {}), {}
-    for name, dataset in data.items():
-        context = AuditContext(tokenizer, report.get(name, {}), end_of_turn, embedding_rows(model, config),
-                               max_length, drop_too_long)
-        result = checks.audit_split(name, dataset, context)
+    rows = embedding_rows(model, config)
+
+    def audit_splits() -> dict[str, SplitAudit]:
+        report = getattr(data, "report", {})
+        return {name: checks.audit_split(name, dataset, AuditContext(tokenizer, report.get(name, {}), end_of_turn, rows,
+                                                                     max_length, drop_too_long))
+                for name, dataset in data.items()}
+
+    folder = getattr(data, "folder", None)
+    if folder is None:  # splits made by hand (tests), not read from the cache
+        results = audit_splits()
+    else:  # read once per filesystem: the first process audits, every other one reads its findings
+        key = cache_key({"stage": stage, "end_of_turn": end_of_turn, "embedding_rows": rows, "max_length": max_length,
+                         "drop_too_long": drop_too_long, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id})
+        target = Path(folder) / f"audit-{key}"
+        build_once(target, lambda staging: _write_split_audits(staging, audit_splits()), f"the data audit {target}")
+        results = _read_split_audits(target)
+    for result in results.values():
         findings += result.findings
-        splits[name] = result.summary
-    return Audit(stage, findings, splits)
+    return Audit(stage, findings, {name: result.summary for name, result in results.items()})
+
+
+def _write_split_audits(folder: Path, results: dict[str, SplitAudit]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "splits.json").write_text(json.dumps({name: {"findings": [asdict(f) for f in result.findings],
+                                                           "summary": result.summary}
+                                                    for name, result in results.items()}))
+
+
+def _read_split_audits(folder: Path) -> dict[str, SplitAudit]:
+    saved = json.loads((folder / "splits.json").read_text())
+    return {name: SplitAudit([Finding(**finding) for finding in result["findings"]], result["summary"])
+            for name, result in saved.items()}
 
 
 def audit_before_training(stage: str, data, tokenizer, model, data_args, training_args) -> Audit | None:

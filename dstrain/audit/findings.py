@@ -69,6 +69,10 @@ class Audit:
         for name, summary in self.splits.items():
             histogram = " | ".join(f"<={bound} {count:,}" for bound, count in summary["lengths"].items())
             lines.append(f"  lengths ({name}, tokens per sample): {histogram or '-'}")
+            if summary.get("sources"):
+                lines.append(f"  sources ({name}): " + " | ".join(
+                    f"{source['name']} planned {source['planned']:.1%}, achieved {source['achieved']:.1%}, "
+                    f"{source['epochs']:.2f} epochs" for source in summary["sources"]))
         lines += [f"  [{finding.check}] {finding}" for finding in self.findings]
         return "\n".join(lines)
 

@@ -200,6 +200,13 @@ def audit_block_split(name: str, blocks, context: AuditContext) -> SplitAudit:
     summary = {"samples": len(blocks.document), "rows": rows, "tokens": tokens, "trained_tokens": tokens,
                "truncated": None, "dropped": None, "dropped_tokens": left_out,
                "lengths": context.report.get("length_histogram", {})}
+    if "sources" in context.report:  # a mixture: each source's planned and achieved share, and its epochs
+        sources = context.report["sources"]
+        summary["sources"] = [{"name": name, "planned": weight, "achieved": achieved,
+                               "epochs": achieved * planned / available if available else 0.0}
+                              for name, weight, achieved, available in zip(sources["names"], sources["weights"],
+                                                                           sources["achieved"],
+                                                                           sources["available_tokens"])]
     return SplitAudit(findings, summary)
 
 

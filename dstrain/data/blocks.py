@@ -27,6 +27,7 @@ from dstrain.data.cache import (
     DataSpec,
     ProcessedDatasets,
     cache_key,
+    has_weight,
     length_histogram,
     processed_datasets,
     tokenizer_identity,
@@ -115,13 +116,10 @@ class BlockSpec(DataSpec):
 
 def split_weight(pattern: str) -> tuple[str, float | None]:
     """"web/:0.7" -> ("web/", 0.7); a pattern without a trailing :number has no weight."""
-    head, sep, tail = pattern.rpartition(":")
-    if not sep or Path(pattern).exists():
+    if not has_weight(pattern):
         return pattern, None
-    try:
-        weight = float(tail)
-    except ValueError:
-        return pattern, None
+    head, _, tail = pattern.rpartition(":")
+    weight = float(tail)
     if weight <= 0:
         raise UserError(f"--train_files {pattern}: a source's weight must be positive")
     return head, weight

@@ -43,9 +43,10 @@ class ProcessedDatasets(dict):
     """The splits training reads (name -> dataset), plus `report`: a JSON-able dict per split of what
     building them counted (see blocks.py, sft.py, pairs.py), saved with the cache and loaded with it."""
 
-    def __init__(self, splits=(), report: dict | None = None):
+    def __init__(self, splits=(), report: dict | None = None, folder: Path | None = None):
         super().__init__(splits)
         self.report = report or {}
+        self.folder = folder  # the cache folder it was loaded from, if any
 
 
 def skipped_records(report: dict) -> str | None:
@@ -88,6 +89,10 @@ class DataSpec:
     def from_arguments(cls, data_args, seed: int, **settings) -> "DataSpec":
         """The spec of --train_files / --validation_files (CorpusArguments) with the stage's `settings`."""
         where = {"dataset_config": data_args.dataset_config, "dataset_split": data_args.dataset_split}
+        weighted = [pattern for pattern in data_args.train_files if has_weight(pattern)]
+        if weighted:
+            raise UserError(f"--train_files {weighted[0]}: weighted sources mix pretraining data (pretrain.py, lora.py "
+                            "--stage pretrain); give chat and preference files without weights")
         train = expand_inputs(data_args.train_files, "--train_files", **where)
         validation = (expand_inputs(data_args.validation_files, "--validation_files", **where)
                       if data_args.validation_files else [])
@@ -141,7 +146,21 @@ def processed_datasets(spec: DataSpec, tokenizer) -> "ProcessedDatasets":
     if folder.exists():
         print0(f"Reusing tokenized data from {folder}")
     build_once(folder, lambda staging: spec.make(tokenizer, staging), f"the {spec.kind} data cache {folder}")
-    return spec.load(folder)
+    data = spec.load(folder)
+    data.folder = folder  # where findings about it (the data audit's) are kept too
+    return data
+
+
+def has_weight(pattern: str) -> bool:
+    """Whether a --train_files pattern ends with a source weight (web/:0.7) rather than naming a path."""
+    head, sep, tail = pattern.rpartition(":")
+    if not sep or Path(pattern).exists() or pattern.startswith("hf:") and ":" not in pattern[3:]:
+        return False
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return True
 
 
 def _marked_records(spec: DataSpec, stats: dict):
@@ -196,7 +215,7 @@ def cap_validation(records: Dataset, max_tokens: int, column: str = "input_ids")
     over = marks & (np.cumsum(np.where(marks, lengths, 0)) > max_tokens)
     if not over.any():
         return records
-    return records.remove_columns("is_validation").add_column("is_validation", (marks & ~over).tolist())
+    return records.remove_columns("is_validation").add_column("is_validation", marks & ~over)
 
 
 def split_by_marks(dataset: Dataset, with_validation: bool) -> dict:
