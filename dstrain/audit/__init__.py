@@ -50,7 +50,7 @@ def audit(stage: str, data, tokenizer, config=None, generation_config=None, mode
         result = checks.audit_split(name, dataset, context)
         findings += result.findings
         splits[name] = result.summary
-    return Audit(stage, findings, splits)
+    return Audit(stage, findings, splits, report.get("contamination"))
 
 
 def audit_before_training(stage: str, data, tokenizer, model, data_args, training_args) -> Audit | None:
@@ -98,3 +98,10 @@ def log_to_wandb(result: Audit, run_name: str | None = None) -> None:
         values[f"data_audit/{name}/trained_fraction"] = summary["trained_tokens"] / max(summary["tokens"], 1)
         wandb.run.summary.update(values)
     wandb.run.summary["data_audit/problems"] = len(result.findings)
+    if result.contamination:  # the contamination check: records overlapping, per benchmark its contaminated items
+        for split, count in result.contamination["contaminated"].items():
+            wandb.run.summary[f"data_audit/contamination/{split}_records"] = count
+            wandb.run.summary[f"data_audit/contamination/{split}_dropped"] = result.contamination["dropped"][split]
+        for name, found in result.contamination["benchmarks"].items():
+            wandb.run.summary[f"data_audit/contamination/{name}/contaminated_items"] = found["contaminated_items"]
+            wandb.run.summary[f"data_audit/contamination/{name}/items"] = found["items"]

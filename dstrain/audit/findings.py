@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dstrain.eval.contamination import render_report
+
 FIRST = 5  # offending records named per problem
 
 
@@ -53,6 +55,7 @@ class Audit:
     stage: str
     findings: list[Finding]
     splits: dict[str, dict]  # summary per split
+    contamination: dict | None = None  # the build report's contamination check (--decontaminate_against)
 
     def render(self) -> str:
         lines = [f"Data audit ({self.stage}): {len(self.findings)} problem{'s' * (len(self.findings) != 1)}",
@@ -69,6 +72,8 @@ class Audit:
         for name, summary in self.splits.items():
             histogram = " | ".join(f"<={bound} {count:,}" for bound, count in summary["lengths"].items())
             lines.append(f"  lengths ({name}, tokens per sample): {histogram or '-'}")
+        if self.contamination:
+            lines += render_report(self.contamination)
         lines += [f"  [{finding.check}] {finding}" for finding in self.findings]
         return "\n".join(lines)
 

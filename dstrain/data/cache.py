@@ -73,14 +73,18 @@ class DataSpec:
     skip_bad_records: bool
     seed: int
     cache_dir: str = field(compare=False)
+    # A filter every record passes as it is read, or None: the contamination check (--decontaminate_against,
+    # dstrain/eval/contamination.py). Its identity() is part of the cache key, its report() is saved with the cache.
+    record_filter: object = field(default=None, compare=False)
 
     @classmethod
     def from_arguments(cls, data_args, seed: int, **settings) -> "DataSpec":
         """The spec of --train_files / --validation_files (CorpusArguments) with the stage's `settings`."""
         train = expand_inputs(data_args.train_files, "--train_files")
         validation = expand_inputs(data_args.validation_files, "--validation_files") if data_args.validation_files else []
+        record_filter = data_args.record_filter() if hasattr(data_args, "record_filter") else None
         return cls(tuple(train), tuple(validation), 0.0 if validation else data_args.validation_split_percentage,
-                   data_args.skip_bad_records, seed, data_args.data_cache_dir, **settings)
+                   data_args.skip_bad_records, seed, data_args.data_cache_dir, record_filter, **settings)
 
     @property
     def holds_out(self) -> bool:
@@ -100,7 +104,8 @@ class DataSpec:
         return {**settings, "kind": self.kind, "layout": self.layout,
                 "train_files": [file_identity(p) for p in self.train_files],
                 "validation_files": [file_identity(p) for p in self.validation_files],
-                "tokenizer": tokenizer_identity(tokenizer)}
+                "tokenizer": tokenizer_identity(tokenizer)} | (
+                    {} if self.record_filter is None else {"record_filter": self.record_filter.identity()})
 
 
 def processed_datasets(spec: DataSpec, tokenizer, main_process_first) -> "ProcessedDatasets":
@@ -112,7 +117,10 @@ def processed_datasets(spec: DataSpec, tokenizer, main_process_first) -> "Proces
         problems = stats["train"].problems + stats["validation"].problems
         if problems:
             print0(f"Skipped {len(problems)} bad records (--skip_bad_records); first: {problems[0]}")
-        return spec.build(tokenizer, records, scratch)
+        built = spec.build(tokenizer, records, scratch)
+        if spec.record_filter is not None:
+            built.report["contamination"] = spec.record_filter.report()
+        return built
 
     return cached_datasets(spec.cache_dir, spec.cache_identity(tokenizer), read_then_build, main_process_first)
 
@@ -121,8 +129,14 @@ def _marked_records(spec: DataSpec, stats: dict):
     """Every record of the training and validation files, each marked `is_validation`."""
     train = spec.read(spec.train_files, stats["train"])
     validation = spec.read(spec.validation_files, stats["validation"]) if spec.validation_files else []
+    kept = 0
     for record, is_validation in with_validation_marks(train, validation, spec.validation_percentage, spec.seed):
-        yield {**record, "is_validation": is_validation}
+        if spec.record_filter is None or spec.record_filter.keep(record, is_validation):
+            kept += 1
+            yield {**record, "is_validation": is_validation}
+    if kept == 0 and spec.record_filter is not None:
+        raise UserError("--decontaminate dropped every training record: each overlaps a benchmark of "
+                        "--decontaminate_against (python audit.py ... --contamination ... names them)")
 
 
 def cached_datasets(cache_root: str, identity: dict, build: Callable[[Path], ProcessedDatasets],
