@@ -271,9 +271,10 @@ def write_results(path: Path, results: dict, settings: dict) -> None:
 
 
 def log_results_to_wandb(results: dict, project: str | None, run_name: str | None, output: str | None) -> None:
-    """The harness's own WandB logger: the results table (`evaluation/eval_results`), each score as a
-    summary value, the task configs and the results JSON as an artifact; samples when logged. The
-    run's files go beside --output (or into the current folder); WANDB_MODE=offline keeps them local."""
+    """The harness's own WandB logger: the results table (`evaluation/eval_results`), each score, the
+    task configs and the results JSON as an artifact. Not its per-sample tables: with wandb 0.31 they fail
+    on the nested answers of rolling log-likelihood tasks (--log_samples writes them beside --output).
+    The run's files go beside --output (or into the current folder); WANDB_MODE=offline keeps them local."""
     import wandb
     from lm_eval.loggers import WandbLogger
 
@@ -283,6 +284,4 @@ def log_results_to_wandb(results: dict, project: str | None, run_name: str | Non
                                     "name": run_name, "job_type": "eval", "dir": str(folder)})
     logger.post_init(results)
     logger.log_eval_result()
-    if results.get("samples"):
-        logger.log_eval_samples(results["samples"])
     wandb.finish()
