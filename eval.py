@@ -59,7 +59,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_fewshot", type=int, help="examples in each prompt (default: each task's own, else 0)")
     parser.add_argument("--batch_size", type=int, default=8, help="requests scored together on each rank")
     parser.add_argument("--limit", type=float, help="items per task (testing); below 1, a fraction of each task")
-    parser.add_argument("--include_path", action="append", default=[], help="a folder of your own task YAMLs (repeatable)")
+    parser.add_argument("--include_path", action="append", default=[],
+                        help="a folder of your own task YAMLs (repeatable)")
     parser.add_argument("--apply_chat_template", action="store_true",
                         help="prompts through the tokenizer's chat template (chat models)")
     parser.add_argument("--fewshot_as_multiturn", action="store_true",

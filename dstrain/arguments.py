@@ -117,7 +117,8 @@ class CorpusArguments:
     def record_filter(self) -> ContaminationFilter | None:
         """The contamination check --decontaminate_against asks for, applied as the data is read
         (dstrain/data/cache.py), or None."""
-        names = [name.strip() for value in self.decontaminate_against or [] for name in value.split(",") if name.strip()]
+        names = [name.strip() for value in self.decontaminate_against or [] for name in value.split(",")
+                 if name.strip()]
         return ContaminationFilter(names, self.contamination_ngram, self.decontaminate) if names else None
 
 

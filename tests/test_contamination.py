@@ -107,8 +107,9 @@ def test_report_only_keeps_every_record(benchmark):
 def test_benchmark_files_of_every_kind(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([{"q": "one two", "choices": ["a", "b"]}, "three four"]))
     (tmp_path / "lines.txt").write_text("first item\n\nsecond item\n")
-    assert items_from_file(tmp_path / "list.json", "b") == [("b", f"{tmp_path / 'list.json'}: record 1", "one two\na\nb"),
-                                                             ("b", f"{tmp_path / 'list.json'}: record 2", "three four")]
+    listed = tmp_path / "list.json"
+    assert items_from_file(listed, "b") == [("b", f"{listed}: record 1", "one two\na\nb"),
+                                            ("b", f"{listed}: record 2", "three four")]
     assert [where for _, where, _ in items_from_file(tmp_path / "lines.txt", "b")] == \
         [f"{tmp_path / 'lines.txt'}:1", f"{tmp_path / 'lines.txt'}:3"]
     index = BenchmarkIndex([("b", "x", "alpha beta gamma delta")], n=3)

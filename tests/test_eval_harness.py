@@ -93,7 +93,8 @@ def check_multiple_choice_by_hand(model, tokenizer, samples, results):
         assert lls == pytest.approx(harness, abs=2e-4)
         chosen = max(range(len(lls)), key=lls.__getitem__)
         chosen_norm = max(range(len(lls)), key=lambda i: lls[i] / len(doc["choices"][i]))
-        assert sample["acc"] == float(chosen == doc["label"]) and sample["acc_norm"] == float(chosen_norm == doc["label"])
+        assert sample["acc"] == float(chosen == doc["label"])
+        assert sample["acc_norm"] == float(chosen_norm == doc["label"])
         correct += chosen == doc["label"]
         correct_norm += chosen_norm == doc["label"]
     assert results["acc,none"] == pytest.approx(correct / len(samples))

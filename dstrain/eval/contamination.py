@@ -151,7 +151,13 @@ def items_from_file(path: Path, benchmark: str) -> list[tuple[str, str, str]]:
 def items_from_tasks(names: list[str], include_paths: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
     """The evaluation items of lm-evaluation-harness tasks (groups and tags expand to their tasks): each
     item's question (or its decontamination query, where the task names one) and its correct answer."""
-    from dstrain.eval.harness import hub_reachable, load_tasks, quiet_harness, read_from_local_cache_only, task_manager_for
+    from dstrain.eval.harness import (  # lm-evaluation-harness is imported only when a task is named
+        hub_reachable,
+        load_tasks,
+        quiet_harness,
+        read_from_local_cache_only,
+        task_manager_for,
+    )
 
     quiet_harness()
     manager, all_local = task_manager_for(tuple(names), include_paths)
@@ -290,7 +296,8 @@ def render_report(report: dict) -> list[str]:
               if report["drop"] else " (kept: --decontaminate true drops them)")
     lines = [f"  contamination ({report['ngram']}-grams): records overlapping a benchmark: {checked or '-'}{action}"]
     for name, found in report["benchmarks"].items():
-        short = f", {found['too_short']:,} shorter than {report['ngram']} words (not checked)" if found["too_short"] else ""
+        short = (f", {found['too_short']:,} shorter than {report['ngram']} words (not checked)"
+                 if found["too_short"] else "")
         lines.append(f"    {name}: {found['contaminated_items']:,} of {found['items']:,} items found in "
                      f"{found['training_records']:,} training records{short}")
         lines += [f"      {example['training']} ~ {example['benchmark']}: \"{example['ngram']}\""
