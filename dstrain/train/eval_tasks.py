@@ -19,7 +19,10 @@ for its few-shot draws; the training's random states are put back afterwards, so
 --eval_tasks trains exactly as one without.
 """
 
+import copy
+import io
 import time
+from contextlib import nullcontext, redirect_stderr
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -84,15 +87,20 @@ class HarnessEvaluation(TrainerCallback):
             raise UserError("--eval_tasks_chat_template: the tokenizer has no chat template")
         self.trainer, self.tasks = trainer, tasks
         self.sharded = weights_are_sharded(trainer.args)
+        # The harness gives a tokenizer without a pad token one; the run saves its own, untouched.
+        self.tokenizer = copy.deepcopy(trainer.processing_class)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         start = time.perf_counter()
-        model, tokenizer = self.trainer.model, self.trainer.processing_class
+        model = self.trainer.model
         was_training = model.training
-        lm = LoadedModelLM(model, tokenizer, self.tasks.settings.batch_size, data_parallel=not self.sharded,
+        lm = LoadedModelLM(model, self.tokenizer, self.tasks.settings.batch_size, data_parallel=not self.sharded,
                            synced_generation=self.sharded, max_length=context_length(model.config))
+        # Evaluating everything, every rank is rank 0 to the harness and would draw its progress bars.
+        quiet = nullcontext() if state.is_world_process_zero else redirect_stderr(io.StringIO())
         try:
-            results = evaluate(lm, self.tasks.settings, self.tasks.manager)
+            with quiet:
+                results = evaluate(lm, self.tasks.settings, self.tasks.manager)
         finally:
             model.train(was_training)
         found = [scores(results) if results is not None else None]
