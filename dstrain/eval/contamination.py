@@ -160,12 +160,12 @@ def items_from_tasks(names: list[str], include_paths: tuple[str, ...] = ()) -> l
     )
 
     quiet_harness()
-    manager, all_local = task_manager_for(tuple(names), include_paths)
+    manager, all_local = task_manager_for(tuple(names), include_paths, "--decontaminate_against")
     if not all_local and not hub_reachable():
         read_from_local_cache_only()
     items = []
     for name in names:
-        for task_name, task in sorted(load_tasks(manager, (name,))["tasks"].items()):
+        for task_name, task in sorted(load_tasks(manager, (name,), "--decontaminate_against")["tasks"].items()):
             for index, doc in enumerate(task.eval_docs):
                 items.append((name, f"{task_name}: item {index}", _task_item_text(task, doc)))
     return items

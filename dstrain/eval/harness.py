@@ -23,6 +23,7 @@ import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -35,7 +36,6 @@ from lm_eval.utils import handle_non_serializable, make_table
 from dstrain.errors import UserError
 
 LOCAL_TASKS = Path(__file__).resolve().parents[2] / "eval_tasks"
-HUB_HOST = "huggingface.co"
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,15 @@ def split_names(value: str | None) -> tuple[str, ...]:
 
 
 def quiet_harness() -> None:
-    """The harness logs every step at INFO (and warns that a loaded model skips its own set-up, which
-    is what LoadedModelLM is for); keep its warnings about the tasks, drop the rest."""
+    """The harness logs every step at INFO and warns about what is intended here (a model passed in
+    loaded, which LoadedModelLM is for; custom_dataset tasks, which the shipped ones are): keep its errors."""
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 # ===== finding the tasks =====
 
-def task_manager_for(names: tuple[str, ...], include_paths: tuple[str, ...] = ()) -> tuple[TaskManager, bool]:
+def task_manager_for(names: tuple[str, ...], include_paths: tuple[str, ...] = (),
+                     flag: str = "--tasks") -> tuple[TaskManager, bool]:
     """A TaskManager that knows every name in `names`, and whether they are all local: the shipped
     tasks and --include_path folders first; the harness's built-in tasks (which read their data from
     the hub or its local cache) only when a name is not among those. An unknown name is an error
@@ -97,7 +98,7 @@ def task_manager_for(names: tuple[str, ...], include_paths: tuple[str, ...] = ()
     if unknown:
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=5)
         hint = f" (close: {', '.join(close)})" if close else ""
-        raise UserError(f"--tasks: no task, group or tag named '{unknown[0]}'{hint}; your own task YAMLs go "
+        raise UserError(f"{flag}: no task, group or tag named '{unknown[0]}'{hint}; your own task YAMLs go "
                         "in a folder given with --include_path")
     return manager, False
 
@@ -108,10 +109,15 @@ def _unknown(manager: TaskManager, names: tuple[str, ...]) -> list[str]:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    """Whether the hub (HF_ENDPOINT: huggingface.co or a mirror) answers a connection within `timeout`."""
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
         return False
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
     try:
-        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -128,13 +134,13 @@ def read_from_local_cache_only() -> None:
     huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
-def load_tasks(manager: TaskManager, names: tuple[str, ...]) -> dict:
+def load_tasks(manager: TaskManager, names: tuple[str, ...], flag: str = "--tasks") -> dict:
     """The tasks with their data, loaded now so that a missing dataset stops the run before any model
     work; returns the harness's {"tasks", "groups", "group_map"}."""
     try:
         return manager.load(list(names))
     except ConnectionError as error:  # datasets' "Couldn't reach ... on the Hub" (offline, nothing cached)
-        raise UserError(f"--tasks: {str(error).splitlines()[0]}; its data is not in the local datasets cache "
+        raise UserError(f"{flag}: {str(error).splitlines()[0]}; its data is not in the local datasets cache "
                         "(HF_DATASETS_CACHE): run this once where the hub can be reached, or use local tasks "
                         "(--include_path)") from None
 

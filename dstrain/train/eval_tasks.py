@@ -63,10 +63,10 @@ def prepare_eval_tasks(args) -> EvalTasks | None:
         batch_size=args.eval_tasks_batch_size or args.per_device_eval_batch_size,
         include_paths=tuple(args.eval_tasks_include_path or ()), apply_chat_template=args.eval_tasks_chat_template,
         bootstrap_iters=0)  # no standard errors: only the scores are logged
-    manager, all_local = task_manager_for(settings.tasks, settings.include_paths)
+    manager, all_local = task_manager_for(settings.tasks, settings.include_paths, "--eval_tasks")
     if not all_local and not hub_reachable():
         read_from_local_cache_only()
-    load_tasks(manager, settings.tasks)
+    load_tasks(manager, settings.tasks, "--eval_tasks")
     return EvalTasks(settings, manager)
 
 
