@@ -16,7 +16,6 @@ import trl
 from dstrain.data.chat_format import FORMATS
 from dstrain.distributed import join_cpu_ranks
 from dstrain.errors import UserError
-from dstrain.eval.contamination import ContaminationFilter
 from dstrain.train.monitoring import load_prompts
 
 
@@ -114,9 +113,13 @@ class CorpusArguments:
         if self.contamination_ngram < 1:
             raise UserError(f"--contamination_ngram must be at least 1, got {self.contamination_ngram}")
 
-    def record_filter(self) -> ContaminationFilter | None:
-        """The contamination check --decontaminate_against asks for, applied as the data is read
-        (dstrain/data/cache.py), or None."""
+    def record_filter(self):
+        """The contamination check --decontaminate_against asks for (a ContaminationFilter), applied as
+        the data is read (dstrain/data/cache.py), or None."""
+        # Imported here, where the data is built: it brings in datasets, which the launch pre-flight and
+        # everything else that only parses arguments need not load.
+        from dstrain.eval.contamination import ContaminationFilter
+
         names = [name.strip() for value in self.decontaminate_against or [] for name in value.split(",")
                  if name.strip()]
         return ContaminationFilter(names, self.contamination_ngram, self.decontaminate) if names else None
