@@ -235,3 +235,25 @@ def test_data_parallel_on_two_ranks_gives_the_single_process_scores(models, chat
     # Rank 0's progress bars count its share only: half of the 4 x 6 choices and of the 6 generations.
     assert re.search(r"Running loglikelihood requests: 100%\|\S+\| 12/12", result.stderr), result.stderr[-2000:]
     assert re.search(r"Running generate_until requests: 100%\|\S+\| 3/3", result.stderr), result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_on_gpus_bf16_and_nccl_data_parallel(models, chat_runs, tmp_path):
+    """On a GPU the model loads in bf16: perplexity within 2% of the fp32 CPU run's. With 2 GPUs, torchrun's
+    ranks gather over nccl and give the one-GPU scores. Not run here (no GPU on this machine)."""
+    (cpu, _, _), _, _ = chat_runs
+    one, _, _ = evaluate(models["chat"], tmp_path / "gpu.json", "--device", "cuda")
+    assert one["results"]["python_docstring_perplexity"]["bits_per_byte,none"] == pytest.approx(
+        cpu["results"]["python_docstring_perplexity"]["bits_per_byte,none"], rel=0.02)
+    if torch.cuda.device_count() < 2:
+        return
+    output = tmp_path / "gpus.json"
+    result = run_job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      free_port(), REPO / "eval.py", "--model", models["chat"], "--tasks", TASKS, "--limit", LIMIT,
+                      "--batch_size", 4, "--output", output], timeout=300)
+    assert_succeeded(result)
+    two = json.loads(output.read_text())
+    assert two["dstrain"]["ranks"] == 2 and set(two["results"]) == set(one["results"])
+    # bf16 sums depend a little on how requests are batched: compare the continuous score, loosely.
+    assert two["results"]["python_docstring_perplexity"]["bits_per_byte,none"] == pytest.approx(
+        one["results"]["python_docstring_perplexity"]["bits_per_byte,none"], rel=5e-3)
