@@ -10,6 +10,9 @@ Plain text for pretrain.py (or lora.py --stage pretrain):
         --stage pretrain --block_size 2048
 A training run's own config (its training flags, --learning_rate and the like, are ignored):
     python audit.py configs/sft_demo.json --stage sft
+Is a benchmark in the training data? (eval files or lm-evaluation-harness task names; n-gram overlap,
+dstrain/eval/contamination.py; training scripts take the same check as --decontaminate_against):
+    python audit.py configs/sft_demo.json --contamination python_local mmlu my_test.jsonl
 
 Prints a summary per split (samples, tokens, trained share, truncated and dropped, lengths) and every
 problem with the first offending records by file:line; exits 2 with one `error:` line on a problem

@@ -95,6 +95,20 @@ class CorpusArguments:
         default=os.path.join("~", ".cache", "dstrain", "tokenized"),
         metadata={"help": "Where tokenized data is kept so the next run with the same inputs reuses it."},
     )
+    decontaminate_against: list[str] | None = field(
+        default=None,
+        metadata={"help": "Benchmarks to check the training data against: eval files (JSONL, JSON, text) or "
+                          "lm-evaluation-harness task names (mmlu, gsm8k, python_local), comma- or space-separated. "
+                          "Records sharing an n-gram with a benchmark item are reported by the data audit, per "
+                          "benchmark with file:line examples (dstrain/eval/contamination.py)."}
+    )
+    decontaminate: bool = field(
+        default=False, metadata={"help": "Drop the training records that overlap a --decontaminate_against benchmark "
+                                         "(counted in the data audit)."}
+    )
+    contamination_ngram: int = field(
+        default=13, metadata={"help": "Words per n-gram of the contamination check (13, as in the GPT-3 paper)."}
+    )
     audit: str = field(
         default="error",
         metadata={"help": "Data audit before training (dstrain/audit/, also: python audit.py): error stops the run "
@@ -110,6 +124,21 @@ class CorpusArguments:
         if self.max_validation_tokens < 0:
             raise UserError("--max_validation_tokens must be 0 (no cap) or more")
         self.data_cache_dir = os.path.expanduser(self.data_cache_dir)
+        if self.decontaminate and not self.decontaminate_against:
+            raise UserError("--decontaminate true needs --decontaminate_against: the benchmarks to check against")
+        if self.contamination_ngram < 1:
+            raise UserError(f"--contamination_ngram must be at least 1, got {self.contamination_ngram}")
+
+    def record_filter(self):
+        """The contamination check --decontaminate_against asks for (a ContaminationFilter), applied as
+        the data is read (dstrain/data/cache.py), or None."""
+        # Imported here, where the data is built: it brings in datasets, which the launch pre-flight and
+        # everything else that only parses arguments need not load.
+        from dstrain.eval.contamination import ContaminationFilter
+
+        names = [name.strip() for value in self.decontaminate_against or [] for name in value.split(",")
+                 if name.strip()]
+        return ContaminationFilter(names, self.contamination_ngram, self.decontaminate) if names else None
 
 
 @dataclass
@@ -231,8 +260,14 @@ class AuditDataArguments(ChatOrTextDataArguments):
                                                 "choices": ["sft", "pretrain", "preference"]})
     max_length: int | None = field(default=None, metadata={"help": "As in the training script (default: that "
                                                                    "stage's, 2048 for sft, 1024 for preference)."})
+    contamination: list[str] | None = field(
+        default=None, metadata={"help": "Benchmarks (eval files or lm-evaluation-harness task names) to look for in "
+                                        "the training data: --decontaminate_against's check, reported on its own."}
+    )
 
     def __post_init__(self):
+        if self.contamination:
+            self.decontaminate_against = (self.decontaminate_against or []) + self.contamination
         if self.max_length is None:
             stage_arguments = PreferenceDataArguments if self.stage == "preference" else ChatDataArguments
             self.max_length = next(f.default for f in fields(stage_arguments) if f.name == "max_length")
@@ -271,6 +306,27 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None, metadata={"help": "Prompts for --sample_every, or one .txt (a prompt per line) or .json (a list) file."}
     )
     sample_max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per sample prompt."})
+    # Benchmarks at each evaluation (dstrain/train/eval_tasks.py, through lm-evaluation-harness)
+    eval_tasks: str | None = field(
+        default=None, metadata={"help": "Comma-separated lm-evaluation-harness tasks run at every evaluation (e.g. "
+                                        "python_local, the shipped ones, or arc_easy); their scores are logged beside "
+                                        "eval_loss as eval_<task>/<metric>. Needs --eval_strategy steps or epoch."}
+    )
+    eval_tasks_limit: float | None = field(
+        default=None, metadata={"help": "Items per --eval_tasks task (below 1: a fraction); keep the set small."}
+    )
+    eval_tasks_num_fewshot: int | None = field(
+        default=None, metadata={"help": "Few-shot examples per --eval_tasks prompt (default: each task's own, else 0)."}
+    )
+    eval_tasks_batch_size: int | None = field(
+        default=None, metadata={"help": "Requests scored together per rank (default: --per_device_eval_batch_size)."}
+    )
+    eval_tasks_include_path: list[str] | None = field(
+        default=None, metadata={"help": "Folders of your own task YAMLs for --eval_tasks."}
+    )
+    eval_tasks_chat_template: bool = field(
+        default=False, metadata={"help": "Put the --eval_tasks prompts through the tokenizer's chat template."}
+    )
     # Reliability (dstrain/train/faults.py, dstrain/train/checkpoints.py)
     nonfinite_loss: str = field(
         default="stop", metadata={"help": "A NaN/inf training loss on any rank: stop stops every rank with a line "
@@ -321,6 +377,16 @@ class TrainingArguments(transformers.TrainingArguments):
             raise UserError("--sample_every must be 0 (off) or more, and --sample_max_new_tokens at least 1")
         if self.sample_every:  # a prompts file is read here, so a bad one stops the run before any work
             self.sample_prompts = load_prompts(self.sample_prompts)
+        if self.eval_tasks is not None:
+            if not self.eval_tasks.strip(", "):
+                raise UserError("--eval_tasks: give one or more task names, comma-separated")
+            if self.eval_strategy in (None, "no", transformers.IntervalStrategy.NO):
+                raise UserError("--eval_tasks runs at each evaluation: set --eval_strategy steps (with --eval_steps) "
+                                "or epoch")
+            if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:
+                raise UserError(f"--eval_tasks_limit must be positive, got {self.eval_tasks_limit}")
+            if self.eval_tasks_batch_size is not None and self.eval_tasks_batch_size < 1:
+                raise UserError(f"--eval_tasks_batch_size must be at least 1, got {self.eval_tasks_batch_size}")
 
     def reporting_targets(self) -> list[str]:
         """--report_to as a list, whichever way it was given."""

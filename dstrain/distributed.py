@@ -64,6 +64,21 @@ def join_cpu_ranks() -> bool:
     return True
 
 
+def join_data_parallel_ranks() -> torch.device | None:
+    """For a command that is not training (eval.py) started by a launcher (torchrun, deepspeed, accelerate
+    launch): join the process group, nccl on GPUs and gloo on CPU ranks, and return this rank's device.
+    None when the process runs alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """Whether `flag` is true on any rank. Every rank must call it: a decision that stops the run must
     be taken by all ranks together, or the others wait in their next collective until it times out."""

@@ -9,6 +9,8 @@
 #   6. make a small chat set from the same documentation and fine-tune on it (chat SFT,
 #      ZeRO-3, packed, loss on the assistant replies only: about 2 minutes on 2 cores)
 #   7. ask the fine-tuned model one question through its chat template
+#   8. score it on the shipped benchmark tasks through lm-evaluation-harness (eval_tasks/: made from
+#      the running Python, no network), and check those benchmarks against its training data
 # Everything lands in out/demo/. NGPU=1 bash scripts/demo.sh picks the number of ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,3 +33,8 @@ python data.py python-docs-chat --output out/demo/chat.jsonl
 deepspeed --num_gpus "$NGPU" --master_port "$MASTER_PORT" sft.py configs/sft_demo.json
 echo "----- one chat turn with out/demo/sft -----"
 python generate.py --model out/demo/sft --chat "What does str.upper() do?" --max_new_tokens 60 --temperature 0.3
+
+echo "----- benchmarks (lm-evaluation-harness, the shipped tasks: no network) -----"
+python eval.py --model out/demo/sft --tasks python_local --limit 100 --output out/demo/sft/eval.json
+echo "----- are those benchmarks in the training data? -----"
+python audit.py configs/sft_demo.json --contamination python_local

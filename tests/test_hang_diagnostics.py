@@ -19,11 +19,11 @@ from dstrain.distributed import dump_stacks_on_sigusr1
 dump_stacks_on_sigusr1()
 
 def waiting_for_a_peer(seconds):
+    print("ready", flush=True)  # from inside: a signal sent on "ready" finds this frame on the stack
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.05)
 
-print("ready", flush=True)
 waiting_for_a_peer(float(sys.argv[1]))
 print("finished", flush=True)
 """

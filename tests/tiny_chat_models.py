@@ -119,3 +119,46 @@ def train_adapter(chat_model_dir, output_dir, reply: str, steps: int = 120, lr: 
     model.save_pretrained(output_dir, save_embedding_layers=False)  # the head's LoRA only, not its frozen copy
     tokenizer.save_pretrained(output_dir)
     return loss
+
+
+# What the tiny reward model learns: the chat model's own reply to QUESTION beats the pirate adapter's,
+# and a reply that answers beats one that does not.
+REWARD_PAIRS = [
+    (QUESTION, REPLIES["base"], REPLIES["pirate"]),
+    (QUESTION, REPLIES["terse"], REPLIES["pirate"]),
+    ("Say hi.", "Hi!", "Arr, it shouts the string!"),
+    (NAME_QUESTION, NAME_REPLY_WITHOUT, "Arr, it shouts the string!"),
+]
+
+
+def train_reward_model(base_model, output_dir, steps: int = 60, lr: float = 3e-3) -> float:
+    """A one-score head on the random base (AutoModelForSequenceClassification, as reward.py builds it)
+    fitted with reward.py's loss, -log sigmoid(r_chosen - r_rejected), on REWARD_PAIRS rendered through the
+    chat template as dstrain/infer/scoring.py renders replies; saved with its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dstrain.data.chat_template import render
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    sides = [[render(tokenizer, chat(("user", q), ("assistant", reply)), add_generation_prompt=False)
+              for q, *replies in REWARD_PAIRS for reply in replies[i:i + 1]] for i in (0, 1)]
+    batch = tokenizer.pad({"input_ids": sides[0] + sides[1]}, padding_side="right", return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            scores = model(**batch).logits[:, 0]
+            chosen, rejected = scores[:len(REWARD_PAIRS)], scores[len(REWARD_PAIRS):]
+            loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return loss.item()

@@ -68,7 +68,8 @@ def audit(stage: str, data, tokenizer, config=None, generation_config=None, mode
         results = _read_split_audits(target)
     for result in results.values():
         findings += result.findings
-    return Audit(stage, findings, {name: result.summary for name, result in results.items()})
+    return Audit(stage, findings, {name: result.summary for name, result in results.items()},
+                 getattr(data, "report", {}).get("contamination"))
 
 
 def _write_split_audits(folder: Path, results: dict[str, SplitAudit]) -> None:
@@ -129,3 +130,10 @@ def log_to_wandb(result: Audit, run_name: str | None = None) -> None:
         values[f"data_audit/{name}/trained_fraction"] = summary["trained_tokens"] / max(summary["tokens"], 1)
         wandb.run.summary.update(values)
     wandb.run.summary["data_audit/problems"] = len(result.findings)
+    if result.contamination:  # the contamination check: records overlapping, per benchmark its contaminated items
+        for split, count in result.contamination["contaminated"].items():
+            wandb.run.summary[f"data_audit/contamination/{split}_records"] = count
+            wandb.run.summary[f"data_audit/contamination/{split}_dropped"] = result.contamination["dropped"][split]
+        for name, found in result.contamination["benchmarks"].items():
+            wandb.run.summary[f"data_audit/contamination/{name}/contaminated_items"] = found["contaminated_items"]
+            wandb.run.summary[f"data_audit/contamination/{name}/items"] = found["items"]

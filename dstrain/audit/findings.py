@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dstrain.eval.contamination import render_report
+
 FIRST = 5  # offending records named per problem
 
 
@@ -53,6 +55,7 @@ class Audit:
     stage: str
     findings: list[Finding]
     splits: dict[str, dict]  # summary per split
+    contamination: dict | None = None  # the build report's contamination check (--decontaminate_against)
 
     def render(self) -> str:
         lines = [f"Data audit ({self.stage}): {len(self.findings)} problem{'s' * (len(self.findings) != 1)}",
@@ -73,6 +76,8 @@ class Audit:
                 lines.append(f"  sources ({name}): " + " | ".join(
                     f"{source['name']} planned {source['planned']:.1%}, achieved {source['achieved']:.1%}, "
                     f"{source['epochs']:.2f} epochs" for source in summary["sources"]))
+        if self.contamination:
+            lines += render_report(self.contamination)
         lines += [f"  [{finding.check}] {finding}" for finding in self.findings]
         return "\n".join(lines)
 

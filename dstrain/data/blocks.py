@@ -30,10 +30,11 @@ from dstrain.data.cache import (
     has_weight,
     length_histogram,
     processed_datasets,
+    record_filter,
     tokenizer_identity,
     validation_draws,
 )
-from dstrain.data.records import expand_inputs, input_fingerprint
+from dstrain.data.records import expand_inputs, input_fingerprint, iter_texts
 from dstrain.data.token_store import TokenStore, build_store, input_bytes, token_dtype
 from dstrain.distributed import build_once, is_main_process, print0
 from dstrain.errors import UserError
@@ -71,8 +72,8 @@ class BlockSpec(DataSpec):
         mixture = tuple(weights) if weights and weights[0] is not None else ()
         return cls(tuple(train), tuple(validation), 0.0 if validation else data_args.validation_split_percentage,
                    data_args.max_validation_tokens, data_args.skip_bad_records, seed, data_args.data_cache_dir,
-                   data_args.preprocessing_num_workers, weights=mixture, sources=tuple(sources) if mixture else (),
-                   **settings)
+                   data_args.preprocessing_num_workers, record_filter(data_args), weights=mixture,
+                   sources=tuple(sources) if mixture else (), **settings)
 
     # ---- the stores: each input tokenized once ----
     def store_folder(self, item, tokenizer) -> Path:
@@ -97,7 +98,10 @@ class BlockSpec(DataSpec):
     def make(self, tokenizer, folder: Path) -> None:
         stores = self.stores(tokenizer)
         folder.mkdir(parents=True)
-        plans, report = make_plans(self, stores)
+        kept = self.uncontaminated(stores) if self.record_filter is not None else None
+        plans, report = make_plans(self, stores, kept)
+        if self.record_filter is not None:
+            report["contamination"] = self.record_filter.report()
         for name, plan in plans.items():
             for array in PLAN_ARRAYS:
                 np.save(folder / f"{name}.{array}.npy", plan[array])
@@ -112,6 +116,21 @@ class BlockSpec(DataSpec):
                                               for array in PLAN_ARRAYS}, self.block_size, name)
                   for name in ("train", "validation") if (folder / f"{name}.starts.npy").exists()}
         return ProcessedDatasets(splits, report)
+
+
+    def uncontaminated(self, stores: list[TokenStore]) -> list[np.ndarray]:
+        """Per training input, which of its documents the contamination check keeps (all but those that
+        overlap a benchmark, with --decontaminate true). The stores hold ids, not text, so the texts are
+        read again, in the order the stores hold them; the stores stay the same with or without the
+        check, and changing the benchmarks never tokenizes again."""
+        masks = []
+        for item, store in zip(self.train_files, stores):
+            keep = np.ones(store.documents, dtype=bool)
+            texts = iter_texts([item], self.text_field, self.skip_bad_records, with_sources=True)
+            for document, (text, where) in enumerate(texts):
+                keep[document] = self.record_filter.keep({"text": text, "source": where}, False)
+            masks.append(keep)
+        return masks
 
 
 def split_weight(pattern: str) -> tuple[str, float | None]:
@@ -142,20 +161,20 @@ def check_room(folder: Path, needed: int) -> None:
 PLAN_ARRAYS = ("store", "document", "starts")
 
 
-def make_plans(spec: BlockSpec, stores: list[TokenStore]) -> tuple[dict, dict]:
+def make_plans(spec: BlockSpec, stores: list[TokenStore], kept: list[np.ndarray] | None = None) -> tuple[dict, dict]:
     """Per split, the documents in order, as arrays: `store` (which store), `document` (which of its
     documents) and `starts` (each one's first token in the split's stream, and the stream's end);
-    and the build report."""
+    and the build report. `kept`: per training input, the documents the contamination check keeps."""
     train_count = len(spec.train_files)
     lengths = [store.lengths() for store in stores]
-    every = [(i, np.arange(stores[i].documents)) for i in range(len(stores))]
+    every = [(i, np.arange(stores[i].documents) if kept is None or i >= train_count else np.nonzero(kept[i])[0])
+             for i in range(len(stores))]
     if spec.validation_files:
         train, validation = every[:train_count], _capped(every[train_count:], lengths, spec.max_validation_tokens)
     else:
-        draws = validation_draws(sum(stores[i].documents for i in range(train_count)), spec.validation_percentage,
-                                 spec.seed)
-        marks = np.split(draws, np.cumsum([stores[i].documents for i in range(train_count)])[:-1])
-        validation = _capped([(i, np.nonzero(mark)[0]) for i, mark in enumerate(marks)], lengths,
+        counts = [len(every[i][1]) for i in range(train_count)]
+        marks = np.split(validation_draws(sum(counts), spec.validation_percentage, spec.seed), np.cumsum(counts)[:-1])
+        validation = _capped([(i, every[i][1][mark]) for i, mark in enumerate(marks)], lengths,
                              spec.max_validation_tokens)
         train = [(i, np.setdiff1d(documents, held)) for (i, documents), (_, held) in zip(every, validation)]
     mixture = _mixture(spec, train, lengths) if spec.weights else None

@@ -84,6 +84,9 @@ class DataSpec:
     seed: int
     cache_dir: str = field(compare=False)
     workers: int | None = field(default=None, compare=False)
+    # A filter every record passes as it is read, or None: the contamination check (--decontaminate_against,
+    # dstrain/eval/contamination.py). Its identity() is part of the cache key, its report() is saved with the cache.
+    record_filter: object = field(default=None, compare=False)
 
     @classmethod
     def from_arguments(cls, data_args, seed: int, **settings) -> "DataSpec":
@@ -98,7 +101,7 @@ class DataSpec:
                       if data_args.validation_files else [])
         return cls(tuple(train), tuple(validation), 0.0 if validation else data_args.validation_split_percentage,
                    data_args.max_validation_tokens, data_args.skip_bad_records, seed, data_args.data_cache_dir,
-                   data_args.preprocessing_num_workers, **settings)
+                   data_args.preprocessing_num_workers, record_filter(data_args), **settings)
 
     @property
     def holds_out(self) -> bool:
@@ -118,6 +121,8 @@ class DataSpec:
         stats = {"train": ReadStats(), "validation": ReadStats()}
         records = records_dataset(_marked_records, folder / "scratch", spec=self, stats=stats)
         built = self.build(tokenizer, records, folder / "scratch")
+        if self.record_filter is not None:
+            built.report["contamination"] = self.record_filter.report()
         skipped = stats["train"].skipped + stats["validation"].skipped
         if skipped:  # every run prints it from the report (skipped_records), not just the one that built
             built.report["train"]["skipped"] = skipped
@@ -136,7 +141,8 @@ class DataSpec:
         return {**settings, "kind": self.kind, "layout": self.layout,
                 "train_files": [input_fingerprint(p) for p in self.train_files],
                 "validation_files": [input_fingerprint(p) for p in self.validation_files],
-                "tokenizer": tokenizer_identity(tokenizer)}
+                "tokenizer": tokenizer_identity(tokenizer)} | (
+                    {} if self.record_filter is None else {"record_filter": self.record_filter.identity()})
 
 
 def processed_datasets(spec: DataSpec, tokenizer) -> "ProcessedDatasets":
@@ -149,6 +155,11 @@ def processed_datasets(spec: DataSpec, tokenizer) -> "ProcessedDatasets":
     data = spec.load(folder)
     data.folder = folder  # where findings about it (the data audit's) are kept too
     return data
+
+
+def record_filter(data_args):
+    """The contamination check the data arguments ask for (--decontaminate_against), or None."""
+    return data_args.record_filter() if hasattr(data_args, "record_filter") else None
 
 
 def has_weight(pattern: str) -> bool:
@@ -167,8 +178,14 @@ def _marked_records(spec: DataSpec, stats: dict):
     """Every record of the training and validation files, each marked `is_validation`."""
     train = spec.read(spec.train_files, stats["train"])
     validation = spec.read(spec.validation_files, stats["validation"]) if spec.validation_files else []
+    kept = 0
     for record, is_validation in with_validation_marks(train, validation, spec.validation_percentage, spec.seed):
-        yield {**record, "is_validation": is_validation}
+        if spec.record_filter is None or spec.record_filter.keep(record, is_validation):
+            kept += 1
+            yield {**record, "is_validation": is_validation}
+    if kept == 0 and spec.record_filter is not None:
+        raise UserError("--decontaminate dropped every training record: each overlaps a benchmark of "
+                        "--decontaminate_against (python audit.py ... --contamination ... names them)")
 
 
 def records_dataset(generate: Callable, scratch: Path, **kwargs) -> Dataset:

@@ -227,13 +227,13 @@ def _render_and_fit(spec: PairSpec, tokenizer, pairs: Dataset) -> ProcessedDatas
 def describe(data: ProcessedDatasets, max_length: int) -> str:
     """What fitting did and what each split holds, from the build report (printed whether the run built
     the data or found it in the cache)."""
-    kept, truncated, dropped, identical = (sum(split[key] for split in data.report.values())
+    kept, truncated, dropped, identical = (sum(data.report[name][key] for name in data)
                                            for key in ("kept", "truncated", "dropped", "identical"))
     lines = [f"Pairs: {kept:,} kept, {truncated:,} shortened by dropping their oldest turns and {dropped:,} dropped "
              f"(last user turn + reply longer than --max_length {max_length})"
              + (f", {identical:,} skipped as identical after tokenizing" if identical else "")]
     lines += [f"Data: {name} {split['rows']:,} pairs, {split['tokens']:,} tokens (both sides)"
-              for name, split in data.report.items()]
+              for name, split in ((name, data.report[name]) for name in data)]
     return "\n".join(lines)
 
 

@@ -329,10 +329,10 @@ def describe(data: ProcessedDatasets, max_length: int, packing: bool) -> str:
     """What fitting did and what each split holds, from the build report: printed by every run, whether
     it built the data or found it in the cache."""
     report = data.report
-    kept, truncated, dropped = (sum(split[key] for split in report.values()) for key in ("kept", "truncated", "dropped"))
+    kept, truncated, dropped = (sum(report[name][key] for name in data) for key in ("kept", "truncated", "dropped"))
     lines = [f"Conversations: {kept:,} kept, {truncated:,} truncated at a turn boundary and {dropped:,} dropped "
              f"(first reply longer than --max_length {max_length})"]
-    for name, split in report.items():
+    for name, split in ((name, report[name]) for name in data):
         shape = (f"{split['rows']:,} packed rows of at most {max_length}" if packing
                  else f"{split['rows']:,} conversations")
         lines.append(f"Data: {name} {shape}, {split['tokens']:,} tokens, {split['trained_tokens']:,} of them trained "

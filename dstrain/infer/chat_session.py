@@ -3,7 +3,7 @@ batches. Everything generates through dstrain/infer/generation.py."""
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import TextStreamer
@@ -106,6 +106,7 @@ class Question:
     where: str  # file:line or file: record N, for errors
     messages: list[dict]
     record: dict  # what the answer file repeats back (id, question or messages)
+    fields: dict = field(default_factory=dict)  # the record as read (eval.py chat reads its reference answers)
 
 
 def _question(record, where: str, system: str | None) -> Question:
@@ -126,7 +127,7 @@ def _question(record, where: str, system: str | None) -> Question:
                 raise BadRecord(f"{where}: message {i} has empty or non-string content")
         if messages[-1]["role"] != "user":
             raise BadRecord(f"{where}: the last message must be the user's question")
-        return Question(where, messages, echo | {"messages": messages})
+        return Question(where, messages, echo | {"messages": messages}, record)
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         keys = ", ".join(sorted(record)) or "none"
@@ -134,7 +135,7 @@ def _question(record, where: str, system: str | None) -> Question:
     own_system = record.get("system", system)
     if own_system is not None and not isinstance(own_system, str):
         raise BadRecord(f"{where}: 'system' must be a string")
-    return Question(where, conversation(own_system, [], question), echo | {"question": question})
+    return Question(where, conversation(own_system, [], question), echo | {"question": question}, record)
 
 
 def read_questions(path: Path, system: str | None) -> list[Question]:

@@ -2,6 +2,7 @@
 of named LoRA adapters over one copy of that base (chosen per row at generation time); the model
 flags chat.py, generate.py and serve.py share; the device it runs on."""
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,14 @@ def load_inference_model(model_dir: str, base: str | None = None, adapters: dict
     model = _attach_adapters(model, adapters)
     model.to(target).eval()
     return InferenceModel(model, tokenizer, adapters, context_length(model.config), main_adapter)
+
+
+def release(loaded: InferenceModel) -> None:
+    """Let a model's memory go before the next one loads (eval.py chat answers with two models in turn)."""
+    loaded.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _attach_adapters(model, adapters: dict[str, str]):

@@ -216,8 +216,9 @@ class TrainingMonitor(TrainerCallback):
     # ---- metrics, at every logging step (every rank calls on_log, so the all_gather is safe) ----
     def on_log(self, args, state, control, logs=None, **kwargs):
         added = {}
-        if "eval_runtime" in logs and self.last_time is not None:
-            self.last_time += logs["eval_runtime"]  # evaluation is no training step: keep it out of step_time
+        for runtime in ("eval_runtime", "eval_tasks_runtime"):  # evaluation (and --eval_tasks' benchmarks)
+            if runtime in logs and self.last_time is not None:  # is no training step: keep it out of step_time
+                self.last_time += logs[runtime]
         if "eval_loss" in logs:
             added["eval_perplexity"] = math.exp(logs["eval_loss"]) if logs["eval_loss"] < 700 else float("inf")
         if "loss" in logs and self.last_time is not None:

@@ -18,6 +18,7 @@ class Run:
 
     args: object  # dstrain.arguments.TrainingArguments or a TRL config built on it
     logged_arguments: tuple = ()
+    eval_tasks: object = None  # dstrain.train.eval_tasks.EvalTasks: the --eval_tasks benchmarks, found and loaded
 
 
 def start_run(training_args, *other_arguments) -> Run:
@@ -27,7 +28,9 @@ def start_run(training_args, *other_arguments) -> Run:
     - WandB's project, group, tags and run folder are set from the flags;
     - DeepSpeed's CPU all-reduce buffers leave /dev/shm once every rank has opened them (before any
       check below can stop the run, so a refused run does not leak them either);
-    - the DeepSpeed JSON must agree with the flags: a contradiction stops the run now, naming both values.
+    - the DeepSpeed JSON must agree with the flags: a contradiction stops the run now, naming both values;
+    - the --eval_tasks benchmarks are found and their data loaded: an unknown name or a dataset that is
+      not there offline stops the run now, not at the first evaluation.
     """
     dump_stacks_on_sigusr1()
     if training_args.deepspeed:
@@ -35,7 +38,12 @@ def start_run(training_args, *other_arguments) -> Run:
     set_wandb_environment(training_args)
     release_shared_memory_names()
     check_deepspeed_config_agrees(training_args)
-    return Run(training_args, other_arguments)
+    eval_tasks = None
+    if getattr(training_args, "eval_tasks", None):
+        from dstrain.train.eval_tasks import prepare_eval_tasks  # imports lm-evaluation-harness: only when asked
+
+        eval_tasks = prepare_eval_tasks(training_args)
+    return Run(training_args, other_arguments, eval_tasks)
 
 
 def check_deepspeed_config_agrees(args) -> None:

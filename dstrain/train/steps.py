@@ -34,6 +34,10 @@ def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume:
 def train_and_save(run: Run, trainer, tokenizer, resume: ResumePlan) -> None:
     # Monitoring: tokens/s, MFU, memory, eval perplexity and sample generations in every log entry.
     add_monitoring(trainer, run.logged_arguments)
+    if run.eval_tasks is not None:  # --eval_tasks: benchmark scores beside eval_loss at every evaluation
+        from dstrain.train.eval_tasks import add_harness_evaluation  # imports lm-evaluation-harness: only when asked
+
+        add_harness_evaluation(trainer, run.eval_tasks)
     if resume.checkpoint:
         print0(f"Resuming from {resume.checkpoint}")
     # Reliability (dstrain/train/faults.py, dstrain/train/checkpoints.py): fault injection (tests, DSTRAIN_FAULT only),
