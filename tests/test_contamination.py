@@ -5,7 +5,6 @@ from the processed data, with the audit's report naming them."""
 
 import json
 import random
-from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -132,9 +131,9 @@ def test_decontaminate_drops_exactly_the_planted_conversations(tmp_path, tokeniz
     tokenizer = load_tokenizer(str(base_model))
     common = dict(train_files=[str(train)], validation_split_percentage=20, data_cache_dir=str(tmp_path / "cache"),
                   max_length=512, drop_too_long=True)
-    plain = sft_datasets(ChatDataArguments(**common), tokenizer, 1, lambda desc: nullcontext())
+    plain = sft_datasets(ChatDataArguments(**common), tokenizer, 1)
     cleaned = sft_datasets(ChatDataArguments(**common, decontaminate_against=[str(path)], decontaminate=True),
-                           tokenizer, 1, lambda desc: nullcontext())
+                           tokenizer, 1)
     sources = {name: set(split["source"]) for name, split in plain.items()}
     kept = {name: set(split["source"]) for name, split in cleaned.items()}
     assert planted_lines <= sources["train"] | sources["validation"]

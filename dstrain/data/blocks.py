@@ -98,8 +98,7 @@ class BlockSpec(DataSpec):
     def make(self, tokenizer, folder: Path) -> None:
         stores = self.stores(tokenizer)
         folder.mkdir(parents=True)
-        kept = self.uncontaminated(stores) if self.record_filter is not None else None
-        plans, report = make_plans(self, stores, kept)
+        plans, report = make_plans(self, stores, self.uncontaminated if self.record_filter is not None else None)
         if self.record_filter is not None:
             report["contamination"] = self.record_filter.report()
         for name, plan in plans.items():
@@ -118,19 +117,17 @@ class BlockSpec(DataSpec):
         return ProcessedDatasets(splits, report)
 
 
-    def uncontaminated(self, stores: list[TokenStore]) -> list[np.ndarray]:
-        """Per training input, which of its documents the contamination check keeps (all but those that
-        overlap a benchmark, with --decontaminate true). The stores hold ids, not text, so the texts are
-        read again, in the order the stores hold them; the stores stay the same with or without the
-        check, and changing the benchmarks never tokenizes again."""
-        masks = []
-        for item, store in zip(self.train_files, stores):
-            keep = np.ones(store.documents, dtype=bool)
-            texts = iter_texts([item], self.text_field, self.skip_bad_records, with_sources=True)
-            for document, (text, where) in enumerate(texts):
-                keep[document] = self.record_filter.keep({"text": text, "source": where}, False)
-            masks.append(keep)
-        return masks
+    def uncontaminated(self, index: int, store: TokenStore, marks: np.ndarray) -> np.ndarray:
+        """Which documents of input `index` the contamination check keeps (all but those overlapping a
+        benchmark, with --decontaminate true), each checked as the split `marks` puts it in. The stores
+        hold ids, not text, so the texts are read again, in the order the stores hold them: the stores
+        stay the same with or without the check, and changing the benchmarks never tokenizes again."""
+        keep = np.ones(store.documents, dtype=bool)
+        texts = iter_texts([(*self.train_files, *self.validation_files)[index]], self.text_field,
+                           self.skip_bad_records, with_sources=True)
+        for document, (text, where) in enumerate(texts):
+            keep[document] = self.record_filter.keep({"text": text, "source": where}, bool(marks[document]))
+        return keep
 
 
 def split_weight(pattern: str) -> tuple[str, float | None]:
@@ -161,22 +158,29 @@ def check_room(folder: Path, needed: int) -> None:
 PLAN_ARRAYS = ("store", "document", "starts")
 
 
-def make_plans(spec: BlockSpec, stores: list[TokenStore], kept: list[np.ndarray] | None = None) -> tuple[dict, dict]:
+def make_plans(spec: BlockSpec, stores: list[TokenStore], keep=None) -> tuple[dict, dict]:
     """Per split, the documents in order, as arrays: `store` (which store), `document` (which of its
     documents) and `starts` (each one's first token in the split's stream, and the stream's end);
-    and the build report. `kept`: per training input, the documents the contamination check keeps."""
+    and the build report. `keep(index, store, marks)`, when given, says which documents of an input stay
+    (the contamination check), each checked as held out or not as `marks` says."""
     train_count = len(spec.train_files)
     lengths = [store.lengths() for store in stores]
-    every = [(i, np.arange(stores[i].documents) if kept is None or i >= train_count else np.nonzero(kept[i])[0])
-             for i in range(len(stores))]
     if spec.validation_files:
-        train, validation = every[:train_count], _capped(every[train_count:], lengths, spec.max_validation_tokens)
+        marks = [np.zeros(store.documents, dtype=bool) for store in stores[:train_count]]
     else:
-        counts = [len(every[i][1]) for i in range(train_count)]
+        counts = [store.documents for store in stores[:train_count]]
         marks = np.split(validation_draws(sum(counts), spec.validation_percentage, spec.seed), np.cumsum(counts)[:-1])
-        validation = _capped([(i, every[i][1][mark]) for i, mark in enumerate(marks)], lengths,
+    marks += [np.ones(store.documents, dtype=bool) for store in stores[train_count:]]
+    kept = [keep(i, store, mark) if keep else np.ones(store.documents, dtype=bool)
+            for i, (store, mark) in enumerate(zip(stores, marks))]
+    if spec.validation_files:
+        train = [(i, np.nonzero(kept[i])[0]) for i in range(train_count)]
+        validation = _capped([(i, np.nonzero(kept[i])[0]) for i in range(train_count, len(stores))], lengths,
                              spec.max_validation_tokens)
-        train = [(i, np.setdiff1d(documents, held)) for (i, documents), (_, held) in zip(every, validation)]
+    else:
+        validation = _capped([(i, np.nonzero(mark & kept[i])[0]) for i, mark in enumerate(marks)], lengths,
+                             spec.max_validation_tokens)
+        train = [(i, np.setdiff1d(np.nonzero(kept[i])[0], held)) for i, held in validation]
     mixture = _mixture(spec, train, lengths) if spec.weights else None
     if mixture is not None:
         train = mixture["parts"]
