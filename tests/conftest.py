@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dstrain.data.python_docs import documentation_chats, documentation_texts
 from dstrain.data.records import iter_texts
@@ -78,3 +79,12 @@ def zero3_run(tmp_path_factory, tokenizer_dir, docs_corpus, cache_dir):
     result = run_deepspeed("pretrain.py", workdir / "run.json", "--learning_rate", "5e-3")
     assert_succeeded(result)
     return workdir / "out", result
+
+
+@pytest.fixture
+def one_torch_thread():
+    """In-process generation on a 64-wide model: one thread is faster than two fighting other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import assert_clean_error, assert_succeeded, run_main_in_process
@@ -20,21 +19,14 @@ from tests.tiny_chat_models import (
     trained_models,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GREEDY = ["--temperature", "0"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, base_model):
     return trained_models(base_model, tmp_path_factory.mktemp("inference-models"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process generation on a 64-wide model: one thread is faster than two fighting other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_one_question(models):

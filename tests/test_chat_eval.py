@@ -22,6 +22,8 @@ from tests.tiny_chat_models import (
     trained_models,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 QUESTIONS = [
     {"id": 1, "question": QUESTION, "answer": REPLIES["base"]},
     {"id": 2, "messages": NAME_TURNS + [{"role": "user", "content": NAME_QUESTION}], "answer_regex": r"\bAda\b"},
@@ -38,14 +40,6 @@ def models(tmp_path_factory, base_model):
     found["reward"] = folder / "reward"
     train_reward_model(base_model, found["reward"])
     return found
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

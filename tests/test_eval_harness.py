@@ -18,7 +18,8 @@ from tests import wandb_offline
 from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_job, run_main_in_process, script_env
 from tests.tiny_chat_models import trained_models, without_chat_template
 
-pytestmark = pytest.mark.slow  # each run loads a model and the harness: seconds, not the fast tier's milliseconds
+# Each run loads a model and the harness: seconds, not the fast tier's milliseconds.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TASKS = "python_docstrings,python_docstring_perplexity,python_expressions"
 LIMIT = 6
@@ -27,14 +28,6 @@ LIMIT = 6
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, base_model):
     return trained_models(base_model, tmp_path_factory.mktemp("eval-models"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def evaluate(model, output, *flags, tasks=TASKS, limit=LIMIT):
