@@ -62,7 +62,6 @@ def _lossless_type(config) -> str:
 
 
 def check_4bit_request(method: str, output_dir: Path | None, calibration_files: list[str] | None) -> None:
-    require_gptqmodel(method)
     if output_dir is None:
         raise UserError(f"--format {method} needs --output_dir (the folder to write)")
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -70,6 +69,7 @@ def check_4bit_request(method: str, output_dir: Path | None, calibration_files: 
     if not calibration_files:
         raise UserError(f"--format {method} calibrates on your data: pass --calibration_files (JSONL conversations "
                         "or text, as for training)")
+    require_gptqmodel(method)
 
 
 def export_4bit(model_dir: Path, output_dir: Path, method: str, calibration_files: list[str], samples: int,

@@ -8,6 +8,7 @@ CPU. (GPTQModel 7.7 needs torch 2.14.1, hence the pin.) It is an optional extra:
 `pip install -e ".[quantize]"`.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -53,8 +54,10 @@ def quantize_4bit(model_dir: Path, tokenizer, output_dir: Path, method: str, sam
     # AWQ: GPTQModel picks its CUDA GEMM kernel unless told otherwise; its torch kernel writes the
     # same GEMM-format checkpoint and runs on CPU.
     backend = BACKEND.AWQ_TORCH if method == "awq" and device == "cpu" else BACKEND.AUTO
+    model_dir, output_dir = model_dir.resolve(), output_dir.resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}-", dir=output_dir.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}-", dir=output_dir.parent) as scratch, \
+            contextlib.chdir(scratch):  # GPTQModel writes a logs/ folder into the working directory
         staging = Path(scratch) / "out"
         model = GPTQModel.load(str(model_dir), config, device=device)
         model.quantize(samples, batch_size=batch_size, backend=backend)

@@ -99,6 +99,9 @@ def normalizes(tokenizer) -> bool:
 def write_gguf(model_dir: Path, tokenizer, config, output: Path, outtype: str) -> GGUFSummary:
     """Write `model_dir` (a plain HF LLaMA folder: config and safetensors) as one GGUF file."""
     tensor_type, file_type = OUTTYPES[outtype]
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model only "
+                        f"{config.vocab_size} embedding rows")
     sources = _safetensors_index(model_dir)
     planned = [_plan(name, shape, tensor_type, config) for name, (_, shape) in sources.items()]
     planned = [plan for plan in planned if plan is not None]

@@ -39,7 +39,8 @@ def quantize_gguf(binary: Path, source: Path, output: Path, outtype: str) -> Non
         staging.unlink(missing_ok=True)
 
 
-def convert_with_llama_cpp(checkout: str | None, model_dir: Path, output: Path, outtype: str, why_not_ours: str) -> None:
+def convert_with_llama_cpp(checkout: str | None, model_dir: Path, output: Path, outtype: str,
+                           why_not_ours: str) -> None:
     """Hand a model this project's writer does not lay out to llama.cpp's converter (which recognises
     published models); one clear line when there is no converter or it refuses the model."""
     if not checkout:
