@@ -72,7 +72,7 @@ def test_gguf_holds_the_llama_hyperparameters_vocabulary_and_chat_template(base_
     tokenizer, model = AutoTokenizer.from_pretrained(base_model), AutoModelForCausalLM.from_pretrained(base_model)
     config = model.config
     reader = gguf.GGUFReader(base_ggufs["f32"][0])
-    assert field(reader, "general.architecture") == "llama"
+    assert (field(reader, "general.architecture"), field(reader, "general.name")) == ("llama", "tiny-f32")
     assert [field(reader, f"llama.{key}") for key in ("context_length", "embedding_length", "block_count",
                                                       "feed_forward_length", "attention.head_count",
                                                       "attention.head_count_kv", "rope.dimension_count")] == \

@@ -40,7 +40,7 @@ def export_gguf(model_dir: Path, output: Path, outtype: str, quantizer: Path | N
             convert_with_llama_cpp(llama_cpp, model_dir, first, first_type, why_not_ours)
             print(f"Converted with llama.cpp's convert_hf_to_gguf.py ({why_not_ours})")
         else:
-            summary = write_gguf(model_dir, tokenizer, config, first, first_type)
+            summary = write_gguf(model_dir, tokenizer, config, first, first_type, name=output.stem)
             if summary.kept_wider:
                 print(f"{len(summary.kept_wider)} tensors have rows that are not whole q8_0 blocks of 32 values "
                       f"and stay f16: {', '.join(summary.kept_wider)}")

@@ -96,8 +96,9 @@ def normalizes(tokenizer) -> bool:
 # ---------------------------------------------------------------- writing
 
 
-def write_gguf(model_dir: Path, tokenizer, config, output: Path, outtype: str) -> GGUFSummary:
-    """Write `model_dir` (a plain HF LLaMA folder: config and safetensors) as one GGUF file."""
+def write_gguf(model_dir: Path, tokenizer, config, output: Path, outtype: str, name: str) -> GGUFSummary:
+    """Write `model_dir` (a plain HF LLaMA folder: config and safetensors) as one GGUF file; `name` is
+    the model's name in it (general.name)."""
     tensor_type, file_type = OUTTYPES[outtype]
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model only "
@@ -109,7 +110,7 @@ def write_gguf(model_dir: Path, tokenizer, config, output: Path, outtype: str) -
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(staging, "llama")
     try:
-        _add_model_metadata(writer, config, file_type, model_dir.name)
+        _add_model_metadata(writer, config, file_type, name)
         template = _add_vocabulary(writer, tokenizer, config)
         for plan in planned:
             writer.add_tensor_info(plan.gguf_name, plan.byte_shape, np.dtype(plan.numpy_dtype), plan.nbytes,
