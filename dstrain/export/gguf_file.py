@@ -104,7 +104,7 @@ def write_gguf(model_dir: Path, tokenizer, config, output: Path, outtype: str, n
         raise UserError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model only "
                         f"{config.vocab_size} embedding rows")
     sources = _safetensors_index(model_dir)
-    planned = [_plan(name, shape, tensor_type, config) for name, (_, shape) in sources.items()]
+    planned = [_plan(hf_name, shape, tensor_type, config) for hf_name, (_, shape) in sources.items()]
     planned = [plan for plan in planned if plan is not None]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
