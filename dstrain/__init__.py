@@ -9,6 +9,7 @@
     infer/                   generation, chat, reward scoring and the OpenAI-compatible server
 
 Imports point one way: errors <- distributed <- {data, model} <- {audit, train, infer}; arguments
-uses data and train, cli uses distributed, the entry scripts use them all. The README's Layout
+uses data and train, cli uses distributed (and train's provenance record reads the command line as
+cli parses it), the entry scripts use them all. The README's Layout
 section has the same map.
 """

@@ -21,6 +21,6 @@ fi
 check_port=()
 [ "$NODE_RANK" = 0 ] && check_port=(--master_port "$MASTER_PORT" --check_port)
 
-OUTPUT_DIR=$(preflight --hostfile "$HOSTFILE" "${check_port[@]}")
+preflight --hostfile "$HOSTFILE" "${check_port[@]}"
 launch --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
   --master_port "$MASTER_PORT" "$ENTRY" "${SCRIPT_ARGS[@]}"
