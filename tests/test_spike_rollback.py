@@ -143,6 +143,21 @@ def test_a_spike_is_a_jump_of_k_deviations_over_a_full_window():
     assert [step for step, _ in detector.history] == [1, 2] and detector.verdict(100.0) is None
 
 
+def test_the_rollback_goes_to_the_newest_complete_checkpoint_before_the_spike(tmp_path):
+    """Not an incomplete one, nor a later one an earlier run (--overwrite_output_dir) left beside it."""
+    from dstrain.train.spikes import _agreed_checkpoint
+
+    for step, complete in [(2, True), (4, False), (6, True)]:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "rng_state.pth").write_bytes(b"rng")
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert _agreed_checkpoint(tmp_path, 5) == tmp_path / "checkpoint-2"
+    assert _agreed_checkpoint(tmp_path, 7) == tmp_path / "checkpoint-6"
+    assert _agreed_checkpoint(tmp_path, 2) is None
+
+
 def test_after_the_last_allowed_rollback_the_next_spike_stops_the_run_in_one_line(tmp_path, tokenizer_dir, docs_corpus,
                                                                                   cache_dir, monkeypatch):
     """One process, no DeepSpeed (HF's own loading): the spike at step 3 is rolled back to checkpoint-2,

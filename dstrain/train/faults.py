@@ -99,7 +99,8 @@ class NumericalHealthCallback(TrainerCallback):
         if norm is not None and not math.isfinite(float(norm)):
             if self.spikes is None:
                 raise UserError(f"step {state.global_step}: the gradient norm is {float(norm)}; stopping (resume "
-                                "with --resume_from_checkpoint last, e.g. with a lower learning rate or --max_grad_norm)")
+                                "with --resume_from_checkpoint last, e.g. with a lower learning rate or "
+                                "--max_grad_norm)")
             if not self.spikes.skips(state.global_step):  # a skipped step ran no engine step: the norm is stale
                 self.spikes.nonfinite = True
         message = loss_scale_collapse(getattr(engine, "optimizer", None), getattr(engine, "skipped_steps", 0),

@@ -12,7 +12,7 @@ it is automatic:
   losses (the deviation is floored at 1% of the mean, so a flat loss curve does not make every wobble a
   spike); a non-finite loss on any rank or a non-finite gradient norm is always one. Every rank sums its
   loss and all agree with one all-reduce per step, so all decide alike.
-- The rollback: the newest complete checkpoint in output_dir (C < P, chosen by rank 0 for all) gives back
+- The rollback: the newest complete checkpoint in output_dir before P (C, chosen by rank 0 for all) gives back
   its weights and optimizer state. The clock does not go back: the global step, the learning-rate
   schedule and the data position stay at P, so the batches of steps C+1..P are skipped (trained on, then
   undone) and the run goes on with batch P+1, or P+1+N with --spike_skip_batches N (those steps run no
@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 
 from dstrain.distributed import is_main_process, print0
 from dstrain.errors import UserError
-from dstrain.train.checkpoints import CHECKPOINT_NAME, choose_resume_point
+from dstrain.train.checkpoints import CHECKPOINT_NAME, checkpoint_folders, incomplete_reason
 from dstrain.train.elastic import deepspeed_tag
 
 STATE_FILE = "spike_rollback.json"
@@ -152,7 +152,7 @@ class SpikeRollback(TrainerCallback):
             raise UserError(f"step {step}: loss spike ({reason}) after {self.rollbacks} rollbacks "
                             f"(--spike_max_rollbacks {args.spike_max_rollbacks}); stopping: resume with "
                             "--resume_from_checkpoint last and a lower learning rate, or check the data")
-        checkpoint = _agreed_checkpoint(args.output_dir)
+        checkpoint = _agreed_checkpoint(args.output_dir, step)
         if checkpoint is None:
             raise UserError(f"step {step}: loss spike ({reason}) and no complete checkpoint in {args.output_dir} "
                             "to roll back to yet; lower --save_steps or the learning rate")
@@ -240,10 +240,15 @@ class _SkippedStepLogs(TrainerCallback):
         logs["skipped_batches"] = entry["skipped_batches"] = skipped
 
 
-def _agreed_checkpoint(output_dir) -> Path | None:
-    """The newest complete checkpoint, as rank 0 sees it, on every rank (a shared file system may show
+def _agreed_checkpoint(output_dir, before_step: int) -> Path | None:
+    """The newest complete checkpoint of a step before `before_step` (an --overwrite_output_dir run may sit
+    beside an earlier run's later ones), as rank 0 sees it, on every rank (a shared file system may show
     the ranks different states of a folder being renamed)."""
-    chosen = [choose_resume_point(output_dir)[0] if is_main_process() else None]
+    chosen = [None]
+    if is_main_process():
+        earlier = [folder for folder in checkpoint_folders(output_dir)
+                   if int(CHECKPOINT_NAME.match(folder.name).group(1)) < before_step]
+        chosen = [next((folder for folder in reversed(earlier) if incomplete_reason(folder) is None), None)]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
     return chosen[0]
