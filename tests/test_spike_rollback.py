@@ -158,6 +158,7 @@ def test_the_rollback_goes_to_the_newest_complete_checkpoint_before_the_spike(tm
     assert _agreed_checkpoint(tmp_path, 2) is None
 
 
+@pytest.mark.slow  # a real (in-process) training run with two checkpoints: 4-5 s
 def test_after_the_last_allowed_rollback_the_next_spike_stops_the_run_in_one_line(tmp_path, tokenizer_dir, docs_corpus,
                                                                                   cache_dir, monkeypatch):
     """One process, no DeepSpeed (HF's own loading): the spike at step 3 is rolled back to checkpoint-2,
