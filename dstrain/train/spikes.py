@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate.utils import DeepSpeedSchedulerWrapper
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from dstrain.distributed import is_main_process, print0
 from dstrain.errors import UserError
@@ -168,11 +168,12 @@ class SpikeRollback(TrainerCallback):
         print0(f"Loss spike at step {step}: {reason}. Rollback {self.rollbacks} of {args.spike_max_rollbacks}: "
                f"weights and optimizer of {checkpoint.name}; batches {restored + 1}..{last_skipped} of the data "
                f"order skipped ({last_skipped - restored}){lowered}")
-        # An entry of its own (trainer_state.json, WandB, the console). Logging resets should_log, which this
-        # step's own loss entry, logged after the callbacks, still needs.
+        # An entry of its own (trainer_state.json, WandB, the console), through HF's Trainer.log: TRL's
+        # trainers override log to add, and then clear, the metrics they gathered for this step's own entry.
+        # Logging resets should_log, which that entry, logged after the callbacks, still needs.
         should_log = control.should_log
-        self.trainer.log({"spike_rollback": self.rollbacks, "spike_loss": loss, "spike_restored_step": restored,
-                          "spike_skipped_batches": last_skipped - restored})
+        Trainer.log(self.trainer, {"spike_rollback": self.rollbacks, "spike_loss": loss,
+                                   "spike_restored_step": restored, "spike_skipped_batches": last_skipped - restored})
         control.should_log = should_log
 
     def _optimizer(self):
