@@ -160,7 +160,7 @@ def sft_row(tokenizer, workdir: Path, conversations: int) -> tuple[float, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gigabytes", type=float, default=1.0)
-    parser.add_argument("--block_size", type=int, default=2048)
+    parser.add_argument("--block_size", type=int, default=512, help="at most 512: the tiny preset's context")
     parser.add_argument("--vocab_size", type=int, default=8000)
     parser.add_argument("--conversations", type=int, default=50_000)
     parser.add_argument("--skip_recipe", action="store_true")

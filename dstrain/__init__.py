@@ -13,6 +13,7 @@
 
 Imports point one way, with no cycle: errors <- distributed <- data, model <- infer <- eval <- audit,
 train; export uses data and model; arguments uses data, train and eval (the contamination filter);
-stages uses arguments, data and model; cli uses distributed; the entry scripts use them all. The README's Layout
+stages uses arguments, data and model; cli uses distributed (and train's provenance record reads the
+command line as cli parses it); the entry scripts use them all. The README's Layout
 section has the same map.
 """

@@ -18,6 +18,7 @@ from dstrain.data.chat_format import FORMATS
 from dstrain.distributed import join_cpu_ranks
 from dstrain.errors import UserError
 from dstrain.train.monitoring import load_prompts
+from dstrain.train.preemption import DEFAULT_SIGNALS, parse_signals
 
 
 @dataclass
@@ -338,6 +339,30 @@ class TrainingArguments(transformers.TrainingArguments):
         default=True, metadata={"help": "Before training, refuse to start when output_dir's filesystem has no room "
                                         "for one checkpoint (weights + optimizer states)."}
     )
+    # Preemption (dstrain/train/preemption.py)
+    preemption_signals: str = field(
+        default=DEFAULT_SIGNALS,
+        metadata={"help": "Signals that stop the run after the current optimizer step with a complete checkpoint and "
+                          "exit code 75 (SLURM's --signal and time limit, Kubernetes' termination notice); "
+                          "comma-separated, or none to let them end the run at once."}
+    )
+    # Loss-spike rollback (dstrain/train/spikes.py)
+    spike_rollback: bool = field(
+        default=False, metadata={"help": "On a loss spike (a step's loss more than --spike_threshold standard "
+                                         "deviations above the last --spike_window steps', or a non-finite loss or "
+                                         "gradient norm), reload the last checkpoint's weights and optimizer and go on."}
+    )
+    spike_window: int = field(default=50, metadata={"help": "Steps whose losses a spike is measured against."})
+    spike_threshold: float = field(default=6.0, metadata={"help": "A spike is this many standard deviations above "
+                                                                 "the window's mean loss."})
+    spike_skip_batches: int = field(
+        default=0, metadata={"help": "After a rollback, also skip this many batches after the spike (the batches "
+                                     "from the checkpoint through the spike are always skipped)."}
+    )
+    spike_lr_factor: float = field(default=1.0, metadata={"help": "After a rollback, multiply the learning rate "
+                                                                 "by this for --spike_lr_steps steps."})
+    spike_lr_steps: int = field(default=0, metadata={"help": "Steps of lowered learning rate after a rollback."})
+    spike_max_rollbacks: int = field(default=3, metadata={"help": "Rollbacks allowed; the next spike stops the run."})
 
     def __post_init__(self):
         # transformers 5 dropped --warmup_ratio but reads a float warmup_steps < 1 as a ratio.
@@ -354,6 +379,7 @@ class TrainingArguments(transformers.TrainingArguments):
                 raise UserError("--bf16/--fp16 need a GPU; on CPU leave them out (CPU runs train in fp32)")
             self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
         self._check_monitoring_flags()
+        self._check_reliability_flags()
         # The one side effect of building the arguments, and why it cannot wait for start_run: HF's
         # TrainingArguments sets up its devices while it is built (super().__post_init__), and on CPU
         # ranks that only works when accelerate's state already holds a gloo process group, which the
@@ -387,6 +413,15 @@ class TrainingArguments(transformers.TrainingArguments):
                 raise UserError(f"--eval_tasks_limit must be positive, got {self.eval_tasks_limit}")
             if self.eval_tasks_batch_size is not None and self.eval_tasks_batch_size < 1:
                 raise UserError(f"--eval_tasks_batch_size must be at least 1, got {self.eval_tasks_batch_size}")
+
+    def _check_reliability_flags(self) -> None:
+        parse_signals(self.preemption_signals)
+        if self.spike_window < 2 or self.spike_threshold <= 0:
+            raise UserError("--spike_window must be at least 2 and --spike_threshold positive")
+        if self.spike_skip_batches < 0 or self.spike_lr_steps < 0 or self.spike_max_rollbacks < 0:
+            raise UserError("--spike_skip_batches, --spike_lr_steps and --spike_max_rollbacks cannot be negative")
+        if not 0 < self.spike_lr_factor <= 1:
+            raise UserError(f"--spike_lr_factor must be in (0, 1], got {self.spike_lr_factor}")
 
     def reporting_targets(self) -> list[str]:
         """--report_to as a list, whichever way it was given."""

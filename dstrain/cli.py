@@ -18,18 +18,22 @@ import runpy
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from dstrain.distributed import copy_output_to_rank_log
-from dstrain.errors import UserError
+from dstrain.distributed import copy_output_to_rank_log, finish, print0
+from dstrain.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 
 def cli_entry(main):
     """Wrap an entry script's `main` so that a UserError ends the process with one clear line.
 
     Every rank reports its own error (other ranks print nothing *but* errors); the DeepSpeed
-    launcher then stops the remaining ranks. Where the launch/ scripts ask for it, each rank's
-    output is also copied into its own log file, from the first line on.
+    launcher then stops the remaining ranks. A preempted run (dstrain/train/preemption.py) says why
+    on rank 0 and exits with code 75; when every rank stopped together after its checkpoint they
+    leave the process group together first, so no rank exits while rank 0 still writes.
+    Where the launch/ scripts ask for it, each rank's output is also copied into its own log file,
+    from the first line on.
     """
 
     @functools.wraps(main)
@@ -38,13 +42,26 @@ def cli_entry(main):
         try:
             return main(*args, **kwargs)
         except UserError as error:
+            close_progress_bars()
             message = " ".join(str(error).split("\n"))
             # One write, so the lines of ranks failing at the same moment do not run into each other.
             sys.stderr.write(f"error: {message}\n")
             sys.stderr.flush()
             sys.exit(2)
+        except Preempted as stop:
+            print0(f"Preempted: {stop}")
+            if stop.orderly:
+                finish()
+            sys.exit(PREEMPTED_EXIT_CODE)
 
     return wrapper
+
+
+def close_progress_bars() -> None:
+    """End the progress bar of a run stopped mid-training (HF's closes only when training ends), so the
+    error starts a line of its own instead of trailing the bar."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 @dataclasses.dataclass(frozen=True)

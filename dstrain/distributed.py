@@ -254,7 +254,16 @@ def copy_output_to_rank_log() -> None:
         return
     path = Path(log_dir) / f"rank{os.environ['RANK']}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-        tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=os.dup(stream.fileno()))
-        os.dup2(tee.stdin.fileno(), stream.fileno())
+    # SLURM signals every process of the step, these too: a tee killed by SIGTERM would break the rank's
+    # output while it writes its preemption checkpoint. They ignore the signals (set to SIG_IGN around
+    # the start, which exec keeps) and end when the rank closes their input.
+    ignored = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2]
+    previous = [signal.signal(sig, signal.SIG_IGN) for sig in ignored]
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=os.dup(stream.fileno()))
+            os.dup2(tee.stdin.fileno(), stream.fileno())
+    finally:
+        for sig, handler in zip(ignored, previous):
+            signal.signal(sig, handler)

@@ -45,20 +45,32 @@ free_port() {
 }
 
 # Checks the job (entry script, DeepSpeed config against the flags and world size, output
-# folder, hostfile, port) and prints the run's output folder.
+# folder, hostfile, port); sets OUTPUT_DIR and PREEMPTION_SIGNALS (the run's --preemption_signals,
+# e.g. "TERM USR2") from the two lines it prints.
 preflight() {
-  "$PYTHON" "$LAUNCH_DIR/preflight.py" --entry "$ENTRY" "$@" -- "${SCRIPT_ARGS[@]}"
+  local checked
+  checked=$("$PYTHON" "$LAUNCH_DIR/preflight.py" --entry "$ENTRY" "$@" -- "${SCRIPT_ARGS[@]}")
+  OUTPUT_DIR=${checked%%$'\n'*}
+  PREEMPTION_SIGNALS=
+  if [[ $checked == *$'\n'* ]]; then PREEMPTION_SIGNALS=${checked#*$'\n'}; fi
 }
 
 # Runs deepspeed with its arguments, each rank's output copied to $LOG_DIR/rank<N>.log.
-# DRY_RUN=1 prints the command instead.
+# DRY_RUN=1 prints the command instead. The preemption signals (SIGTERM from SLURM or Kubernetes)
+# go to the ranks, all at once, through launch/supervise.py, which holds DeepSpeed's own launcher
+# off them: it would kill the ranks one after another 30 s after a SIGTERM (see supervise.py).
+# FORWARD_SIGNALS=0 (multi_node.sh: pdsh starts the launchers) leaves them to DeepSpeed.
 launch() {
   LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/logs}
+  local command=("$DEEPSPEED" "$@")
+  if [ "${FORWARD_SIGNALS:-1}" = 1 ] && [ -n "${PREEMPTION_SIGNALS:-}" ]; then
+    command=("$PYTHON" "$LAUNCH_DIR/supervise.py" --signals "$PREEMPTION_SIGNALS" -- "${command[@]}")
+  fi
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    printf '%q ' "$DEEPSPEED" "$@"
+    printf '%q ' "${command[@]}"
     echo
     return 0
   fi
   echo "Per-rank logs: $LOG_DIR/rank<N>.log" >&2
-  DSTRAIN_LOG_DIR=$LOG_DIR exec "$DEEPSPEED" "$@"
+  DSTRAIN_LOG_DIR=$LOG_DIR exec "${command[@]}"
 }

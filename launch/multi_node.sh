@@ -5,6 +5,8 @@
 # the same paths (a shared file system) and password-less ssh from this one.
 # Variables: HOSTFILE (required), MASTER_ADDR (default the first node), MASTER_PORT (default 29500,
 #   the same for all nodes), LOG_DIR, NET_IF, OMP_NUM_THREADS, DRY_RUN=1.
+# A SIGTERM to this script reaches the ranks through DeepSpeed's own relay (pkill over pdsh to each
+# node's launcher), which gives them 30 s before SIGKILL; no_ssh.sh (one per node) has no such limit.
 . "$(dirname "$0")/common.sh"
 parse_entry "$@"
 
@@ -13,5 +15,6 @@ MASTER_PORT=${MASTER_PORT:-29500}
 master=()
 [ -n "${MASTER_ADDR:-}" ] && master=(--master_addr "$MASTER_ADDR")
 
-OUTPUT_DIR=$(preflight --hostfile "$HOSTFILE")
+preflight --hostfile "$HOSTFILE"
+FORWARD_SIGNALS=0  # the launchers run on other nodes, under pdsh; DeepSpeed's runner relays the signal
 launch --hostfile "$HOSTFILE" "${master[@]}" --master_port "$MASTER_PORT" "$ENTRY" "${SCRIPT_ARGS[@]}"

@@ -6,6 +6,8 @@
 # Variables: NNODES, NODE_RANK, MASTER_ADDR (required), NGPU (ranks on each node, default all
 #   GPUs), MASTER_PORT (default 29500, the same on every node), HOSTFILE (default: written for
 #   NNODES nodes of NGPU slots), LOG_DIR, NET_IF, OMP_NUM_THREADS, DRY_RUN=1.
+# On Kubernetes make this the container's command (exec form, no shell in front): a SIGTERM to it
+# reaches its node's ranks, which save a checkpoint and exit with 75 (README, "Preemption").
 . "$(dirname "$0")/common.sh"
 parse_entry "$@"
 
@@ -21,6 +23,6 @@ fi
 check_port=()
 [ "$NODE_RANK" = 0 ] && check_port=(--master_port "$MASTER_PORT" --check_port)
 
-OUTPUT_DIR=$(preflight --hostfile "$HOSTFILE" "${check_port[@]}")
+preflight --hostfile "$HOSTFILE" "${check_port[@]}"
 launch --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
   --master_port "$MASTER_PORT" "$ENTRY" "${SCRIPT_ARGS[@]}"

@@ -4,7 +4,9 @@ seconds on the login node, not after the queue and the model load.
     python launch/preflight.py --entry pretrain.py --world_size 16 [--hostfile hosts]
         [--master_port 29500 --check_port] -- <the entry script's arguments>
 
-Prints the run's output_dir (the launchers keep per-rank logs under it) or one `error:` line. The
+Prints the run's output_dir (the launchers keep per-rank logs under it) and, on a second line, the
+signals its ranks take as preemption notices (--preemption_signals: what launch/supervise.py
+forwards to them; empty when none), or one `error:` line. The
 entry script's arguments are read with that script's own parser (its ARGUMENTS, through
 dstrain/cli.py), its defaults included, without building them: TrainingArguments would set up
 devices, and a login node may have none.
@@ -22,6 +24,7 @@ from pathlib import Path
 from dstrain.cli import cli_entry, parse_namespace, script_arguments
 from dstrain.distributed import check_no_stale_build_locks
 from dstrain.errors import UserError
+from dstrain.train.preemption import parse_signals
 
 
 def hostfile_slots(path: str) -> dict[str, int]:
@@ -121,7 +124,9 @@ def main(argv=None) -> None:
     check_no_stale_build_locks()
     if args.check_port and args.master_port:
         check_port_free(args.master_port)
+    signals = parse_signals(getattr(arguments, "preemption_signals", None))
     print(os.path.abspath(output_dir))
+    print(" ".join(sig.name[3:] for sig in signals))
 
 
 if __name__ == "__main__":

@@ -30,5 +30,5 @@ elif [ -n "${EXCLUDE:-}" ]; then
 fi
 MASTER_PORT=${MASTER_PORT:-$(free_port)}
 
-OUTPUT_DIR=$(preflight --world_size "$world_size" --master_port "$MASTER_PORT" --check_port)
+preflight --world_size "$world_size" --master_port "$MASTER_PORT" --check_port
 launch "${select[@]}" --master_port "$MASTER_PORT" "$ENTRY" "${SCRIPT_ARGS[@]}"

@@ -14,6 +14,7 @@ import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dstrain.distributed import free_port
@@ -56,16 +57,33 @@ def run_job(command, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedPro
         try:
             stdout, stderr = job.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            ranks = subprocess.run(["pgrep", "-s", str(job.pid), "-f", "--", "--local_rank="],
-                                   capture_output=True, text=True).stdout.split()
-            for pid in ranks:
-                os.kill(int(pid), signal.SIGUSR1)
+            # Every descendant, also those in a session of their own (the stand-in srun's job step).
+            tree = psutil.Process(job.pid).children(recursive=True)
+            for process in tree:
+                if any(arg.startswith("--local_rank=") for arg in _cmdline(process)):
+                    process.send_signal(signal.SIGUSR1)
             time.sleep(2)  # faulthandler writes at once; the pipes need a moment
             os.killpg(job.pid, signal.SIGKILL)
+            kill_all(tree)
             stdout, stderr = job.communicate()
             pytest.fail(f"{' '.join(map(str, command[:6]))} ... did not end within {timeout} s; killed. The ranks' "
                         f"stacks and the output's end:\n{stdout[-3000:]}\n{stderr[-12000:]}", pytrace=False)
     return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def kill_all(processes) -> None:
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def run_script(*args, cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
@@ -79,9 +97,11 @@ def run_main_in_process(script: str, *args) -> subprocess.CompletedProcess:
     exception that escapes the script is printed as the traceback a real process would show."""
     argv = [str(REPO / script), *map(str, args)]
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
-    # The scripts set process-wide variables (WANDB_DIR, ACCELERATE_USE_DEEPSPEED) as a real run
-    # would; they must not leak into later tests or the subprocesses those start.
+    # The scripts set process-wide variables (WANDB_DIR, ACCELERATE_USE_DEEPSPEED) and signal handlers
+    # (the preemption signals) as a real run would; they must not leak into later tests or the
+    # subprocesses those start.
     saved_argv, saved_environ, sys.argv = sys.argv, dict(os.environ), argv
+    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)}
     try:
         with redirect_stdout(stdout), redirect_stderr(stderr):
             try:
@@ -95,6 +115,8 @@ def run_main_in_process(script: str, *args) -> subprocess.CompletedProcess:
         sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_environ)
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
     return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
 
 
@@ -135,6 +157,28 @@ def run_deepspeed(script, *args, ranks=2, cwd=REPO, timeout=600, env=None) -> su
     require_slow("starts DeepSpeed ranks")
     command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
     return run_job(command, cwd=cwd, timeout=timeout, env=env)
+
+
+def kill_and_resume(script, *args, kill_after: int, timeout=600) -> tuple:
+    """A training stage's resume chain: the run's rank 1 SIGKILLs itself once step `kill_after` is done
+    (DSTRAIN_FAULT), then the same command continues with --resume_from_checkpoint last. `args` are the
+    script's (with its --output_dir); returns both results, the second checked."""
+    killed = run_deepspeed(script, *args, env=script_env(DSTRAIN_FAULT=f"rank:1,step:{kill_after},phase:train"),
+                           timeout=timeout)
+    assert killed.returncode != 0 and "kills itself (SIGKILL)" in killed.stdout, killed.stdout[-3000:]
+    resumed = run_deepspeed(script, *args, "--resume_from_checkpoint", "last", timeout=timeout)
+    assert_succeeded(resumed)
+    return killed, resumed
+
+
+def assert_same_losses(full_dir: Path, chain_dir: Path, steps: int, tolerance: float = 1e-4) -> None:
+    """Every step 1..steps logged a loss in both runs, and they agree; and the losses moved (a run that
+    trained nothing would agree too)."""
+    full, chain = logged_losses(full_dir), logged_losses(chain_dir)
+    assert sorted(full) == sorted(chain) == list(range(1, steps + 1)), (full, chain)
+    for step in full:
+        assert chain[step] == pytest.approx(full[step], abs=tolerance), (step, full, chain)
+    assert len({round(loss, 4) for loss in full.values()}) > steps // 2, full
 
 
 def stale_build_lock(extensions_dir: Path, op: str, minutes_old: float) -> Path:

@@ -46,13 +46,22 @@ def flags(tmp_path_factory, tokenizer_dir, docs_corpus):
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
-# Stands in for SLURM's srun on one machine: runs the task once per node of the allocation,
-# with SLURM_NODEID set, and fails if any node fails (as --kill-on-bad-exit would).
+# Stands in for SLURM's srun on one machine: runs the task once per node of the allocation, with
+# SLURM_NODEID set, in a process group of its own (the job step, which SLURM signals as a whole; its
+# id is written to $STEP_PID_FILE), outlives the signals SLURM sends the step as srun does, and exits
+# with the highest exit code of its tasks.
+if [ -z "${IN_STEP:-}" ]; then IN_STEP=1 exec setsid "$0" "$@"; fi
+echo $$ > "${STEP_PID_FILE:-/dev/null}"
+trap : TERM USR2
 while [[ $1 == --* ]]; do shift; done
 pids=()
 for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in "${pids[@]}"; do
+  while ! wait "$pid" && kill -0 "$pid" 2>/dev/null; do :; done  # a trapped signal ends the wait early
+  wait "$pid"; code=$?
+  if [ "$code" -gt "$status" ]; then status=$code; fi
+done
 exit $status
 """
 

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process, run_script
+from tests.helpers import (
+    REPO,
+    assert_clean_error,
+    assert_same_losses,
+    assert_succeeded,
+    kill_and_resume,
+    run_deepspeed,
+    run_main_in_process,
+    run_script,
+)
 
 STEPS = 12
 
@@ -124,28 +132,19 @@ def test_adapter_loads_in_a_fresh_process_and_merges_to_the_same_logits(lora_run
 
 
 @pytest.mark.slow
-def test_resumed_lora_run_repeats_the_uninterrupted_losses(lora_run, tmp_path, base_model, small_sets):
-    """From the mid-run checkpoint, the adapter run continues at the right step with the same data order."""
+def test_lora_run_killed_mid_run_resumes_with_the_uninterrupted_losses(lora_run, tmp_path, base_model, small_sets):
+    """Rank 1 SIGKILLed after step 8; the same command resumes from checkpoint-6 (adapter weights, optimizer,
+    data order) and logs the uninterrupted run's losses."""
     full_dir, _, (stage_config, stage, targets) = lora_run
     if stage_config != "zero2":
         pytest.skip("resume is checked once, on the ZeRO-2 run")
-    resumed_dir = tmp_path / "adapter"
-    shutil.copytree(full_dir / f"checkpoint-{STEPS // 2}", resumed_dir / f"checkpoint-{STEPS // 2}")
-    result = run_deepspeed("lora.py", "--deepspeed", REPO / f"ds_configs/{stage_config}.json",
-                           *lora_flags(base_model, small_sets[stage], resumed_dir, stage=stage,
-                                       lora_target_modules=targets, data_cache_dir=full_dir.parent / "cache"),
-                           "--gradient_checkpointing", "--resume_from_checkpoint", "last")
-    assert_succeeded(result)
-
-    def losses(folder):
-        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
-
-    full, resumed = losses(full_dir), losses(resumed_dir)
-    later = range(STEPS // 2 + 1, STEPS + 1)
-    assert [step for step in resumed if step > STEPS // 2] == list(later)
-    for step in later:
-        assert resumed[step] == pytest.approx(full[step], abs=1e-4), (step, full, resumed)
+    chain_dir = tmp_path / "adapter"
+    _, resumed = kill_and_resume("lora.py", "--deepspeed", REPO / f"ds_configs/{stage_config}.json",
+                                 *lora_flags(base_model, small_sets[stage], chain_dir, stage=stage,
+                                             lora_target_modules=targets, data_cache_dir=full_dir.parent / "cache"),
+                                 "--gradient_checkpointing", kill_after=STEPS // 2 + 2)
+    assert f"Resuming from {chain_dir / f'checkpoint-{STEPS // 2}'}\n" in resumed.stdout
+    assert_same_losses(full_dir, chain_dir, STEPS)
 
 
 def test_unknown_target_module_lists_the_linear_layers(tmp_path, base_model, chat_file):

@@ -9,21 +9,37 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import REPO, assert_succeeded, run_deepspeed, run_main_in_process
+from tests.helpers import (
+    REPO,
+    assert_same_losses,
+    assert_succeeded,
+    kill_and_resume,
+    run_deepspeed,
+    run_main_in_process,
+)
 
 STEPS = 12
 
 
-def sft_run(base_model, chat_file, output_dir, stage: int, packing: bool):
-    return run_deepspeed(
-        "sft.py", "--deepspeed", REPO / f"ds_configs/zero{stage}.json", "--model_name_or_path", base_model,
+def sft_flags(base_model, chat_file, output_dir, stage: int, packing: bool, save_steps: int = STEPS) -> list:
+    return [
+        "--deepspeed", REPO / f"ds_configs/zero{stage}.json", "--model_name_or_path", base_model,
         "--train_files", chat_file, "--max_length", "128", "--packing", str(packing).lower(),
         "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--warmup_ratio", "0.1",
-        "--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", str(STEPS), "--report_to", "none",
+        "--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", str(save_steps), "--report_to", "none",
         "--validation_split_percentage", "5", "--output_dir", output_dir,
-        "--data_cache_dir", output_dir.parent / "cache", "--gradient_checkpointing", "--seed", "3",
+        "--data_cache_dir", output_dir.parent.parent / "cache", "--gradient_checkpointing", "--seed", "3",
         "--drop_too_long", "true",
-    )
+    ]
+
+
+@pytest.fixture(scope="module", params=[(3, True), (2, False)], ids=["zero3-packed", "zero2-padded"])
+def sft_run(request, tmp_path_factory, base_model, chat_file):
+    stage, packing = request.param
+    output_dir = tmp_path_factory.mktemp(f"sft-{request.param_index}") / "full" / "out"
+    result = run_deepspeed("sft.py", *sft_flags(base_model, chat_file, output_dir, stage, packing))
+    assert_succeeded(result)
+    return output_dir, result, stage, packing
 
 
 QUESTION = "What does str.upper() do?"
@@ -48,11 +64,8 @@ def number(text: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, packing", [(3, True), (2, False)], ids=["zero3-packed", "zero2-padded"])
-def test_two_rank_sft_learns_and_the_result_chats(tmp_path, base_model, chat_file, stage, packing):
-    output_dir = tmp_path / "out"
-    result = sft_run(base_model, chat_file, output_dir, stage, packing)
-    assert_succeeded(result)
+def test_two_rank_sft_learns_and_the_result_chats(tmp_path, sft_run):
+    output_dir, result, stage, packing = sft_run
     # What the run says it will train: every kept conversation in one split or the other, packed into
     # fewer rows when packing, and only part of each row's tokens trained (the assistant replies).
     kept = number(re.search(r"Conversations: ([\d,]+) kept", result.stdout).group(1))
@@ -83,6 +96,19 @@ def test_two_rank_sft_learns_and_the_result_chats(tmp_path, base_model, chat_fil
                                "--temperature", "0")
     assert_succeeded(ours)
     assert ours.stdout == f"user: {QUESTION}\nassistant: {reply['text'].strip()}\n"
+
+
+@pytest.mark.slow
+def test_packed_sft_killed_mid_run_resumes_with_the_uninterrupted_losses(sft_run, base_model, chat_file):
+    """ZeRO-3, packed rows: rank 1 SIGKILLed after step 7, the same command resumes from checkpoint-4."""
+    full_dir, _, stage, packing = sft_run
+    if not packing:
+        pytest.skip("resume is checked once, on the packed ZeRO-3 run")
+    chain_dir = full_dir.parent.parent / "chain" / "out"
+    _, resumed = kill_and_resume("sft.py", *sft_flags(base_model, chat_file, chain_dir, stage, packing, save_steps=4),
+                                 kill_after=7)
+    assert f"Resuming from {chain_dir / 'checkpoint-4'}\n" in resumed.stdout
+    assert_same_losses(full_dir, chain_dir, STEPS)
 
 
 def test_generate_chat_command_answers_one_turn(tmp_path, base_model):

@@ -1,2 +1,3 @@
 """Training: starting a run, resume plans, the shared train-save-evaluate step, and what watches a
-run (monitoring, numerical faults, checkpoint completeness, elastic resume)."""
+run (monitoring, numerical faults, loss-spike rollback, preemption signals, checkpoint completeness,
+provenance records, elastic resume)."""

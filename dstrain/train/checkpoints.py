@@ -109,13 +109,17 @@ def finished_model_files(output_dir) -> list[str]:
     return [name for name in FINAL_MODEL_FILES if (Path(output_dir) / name).is_file()]
 
 
-def wait_for_every_rank_to_save(trainer) -> None:
+def wait_for_every_rank_to_save(trainer, write_extras=None) -> None:
     """Make every rank finish its part of a checkpoint before rank 0 writes trainer_state.json
-    (the completion mark) and rotates old checkpoints: a barrier after HF's per-rank RNG save."""
+    (the completion mark) and rotates old checkpoints: a barrier after HF's per-rank RNG save.
+    `write_extras(checkpoint_dir)` (every rank calls it; rank 0 writes) adds files of our own
+    (provenance.json, the spike-rollback state) before that barrier, so a complete checkpoint has them."""
     save_rng_state = trainer._save_rng_state
 
     def save_rng_state_then_wait(output_dir):
         save_rng_state(output_dir)
+        if write_extras is not None:
+            write_extras(output_dir)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 

@@ -1,17 +1,21 @@
 """Numerical faults (non-finite loss or gradient norm, fp16 loss-scale collapse) and, for the
-tests only, deterministic fault injection.
+tests only, deterministic fault injection and a trace of the batches each rank is given.
 
 Why not HF's own handling: `logging_nan_inf_filter` (on by default) replaces a NaN/inf loss in
 the *logged* average and trains on, so a run can diverge silently. The guard here checks every
 micro-batch's loss on every rank, agrees across ranks with one all-reduce (so every rank stops
 at the same point and none is left waiting in a collective), and either stops the run with one
 line naming the step or, with --nonfinite_loss skip, trains that micro-batch with zero gradient.
+With --spike_rollback both checks hand the step to the rollback (dstrain/train/spikes.py) instead.
 """
 
+import json
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,7 +26,10 @@ from dstrain.distributed import print0, rank
 from dstrain.errors import UserError
 
 FAULT_ENV = "DSTRAIN_FAULT"
-FAULT_PHASES = ("train", "save", "shard", "nan", "grad")
+FAULT_PHASES = ("train", "save", "shard", "nan", "grad", "spike", "pause")
+TRACE_ENV = "DSTRAIN_TRACE_BATCHES"
+SPIKE_FACTOR = 50.0  # phase spike: the micro-batch's loss (and so its gradients) times this
+PAUSE_LIMIT = 300  # seconds phase pause waits for a preemption signal before it gives up and goes on
 
 
 def _every_rank(value: torch.Tensor) -> torch.Tensor:
@@ -38,10 +45,11 @@ def _every_rank(value: torch.Tensor) -> torch.Tensor:
 class NonFiniteGuard:
     """Wraps `trainer.compute_loss`: a NaN/inf training loss on any rank stops every rank with
     `error: step N: ...`, or (policy "skip") is replaced by a zero loss tied to the trainable
-    parameters, so that micro-batch adds no gradient and the other ranks' all-reduces still match."""
+    parameters, so that micro-batch adds no gradient and the other ranks' all-reduces still match.
+    With a spike rollback (`spikes`) the micro-batch is zeroed the same way and the step is rolled back."""
 
-    def __init__(self, trainer, policy: str):
-        self.trainer, self.policy, self.skipped = trainer, policy, 0
+    def __init__(self, trainer, policy: str, spikes=None):
+        self.trainer, self.policy, self.skipped, self.spikes = trainer, policy, 0, spikes
         self.compute_loss = trainer.compute_loss
         trainer.compute_loss = self
 
@@ -56,6 +64,9 @@ class NonFiniteGuard:
             return result
         step = self.trainer.state.global_step + 1
         where = ", ".join(f"{value} on rank {r}" for r, value in bad.items())
+        if self.spikes is not None:
+            self.spikes.nonfinite = True
+            return self._zero(model, result)
         if self.policy != "skip":
             raise UserError(f"step {step}: the training loss is {where}; stopping (resume with "
                             "--resume_from_checkpoint last, e.g. with a lower learning rate, or pass "
@@ -63,6 +74,10 @@ class NonFiniteGuard:
         self.skipped += 1
         print0(f"step {step}: the training loss is {where}; this micro-batch is skipped on every rank "
                f"({self.skipped} skipped so far)")
+        return self._zero(model, result)
+
+    @staticmethod
+    def _zero(model, result):
         zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
         return (zero, *result[1:]) if isinstance(result, tuple) else zero
 
@@ -71,18 +86,23 @@ class NumericalHealthCallback(TrainerCallback):
     """After each optimizer step: a non-finite global gradient norm stops the run (the update is
     already applied by then, so it cannot be skipped), and an fp16 loss scale at its floor is
     reported. Both values come from the DeepSpeed engine and are the same on every rank, so
-    every rank decides alike without a collective."""
+    every rank decides alike without a collective. With a spike rollback (`spikes`), a non-finite norm
+    is rolled back instead (this callback must then come before the rollback's)."""
 
-    def __init__(self, trainer):
-        self.trainer, self.warned_scale = trainer, False
+    def __init__(self, trainer, spikes=None):
+        self.trainer, self.warned_scale, self.spikes = trainer, False, spikes
 
     def on_step_end(self, args, state, control, **kwargs):
         engine = self.trainer.model_wrapped
         get_norm = getattr(engine, "get_global_grad_norm", None)
         norm = get_norm() if get_norm else None
         if norm is not None and not math.isfinite(float(norm)):
-            raise UserError(f"step {state.global_step}: the gradient norm is {float(norm)}; stopping (resume with "
-                            "--resume_from_checkpoint last, e.g. with a lower learning rate or --max_grad_norm)")
+            if self.spikes is None:
+                raise UserError(f"step {state.global_step}: the gradient norm is {float(norm)}; stopping (resume "
+                                "with --resume_from_checkpoint last, e.g. with a lower learning rate or "
+                                "--max_grad_norm)")
+            if not self.spikes.skips(state.global_step):  # a skipped step ran no engine step: the norm is stale
+                self.spikes.nonfinite = True
         message = loss_scale_collapse(getattr(engine, "optimizer", None), getattr(engine, "skipped_steps", 0),
                                       state.global_step)
         if message and not self.warned_scale:
@@ -118,25 +138,29 @@ class Fault:
     shard: is SIGKILLed right after writing its own ZeRO optimizer shard (other ranks' shards and
            `latest` may or may not be there);
     nan:   computes a NaN loss for its first micro-batch of that step;
-    grad:  keeps that micro-batch's loss finite but makes its gradients NaN."""
+    grad:  keeps that micro-batch's loss finite but makes its gradients NaN;
+    spike: multiplies that micro-batch's loss by SPIKE_FACTOR (a finite loss spike);
+    pause: waits inside that micro-batch until this rank hears a preemption signal (at most PAUSE_LIMIT s),
+           so a test can signal a run at a chosen step, mid-step, without racing it.
+    Several faults are separated by ';'."""
 
     rank: int
     step: int
     phase: str
 
 
-def fault_from_env() -> Fault | None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    try:
-        fields = dict(item.split(":", 1) for item in spec.split(","))
-        fault = Fault(rank=int(fields["rank"]), step=int(fields["step"]), phase=fields["phase"])
-    except (KeyError, ValueError):
-        raise UserError(f"{FAULT_ENV}={spec!r}: expected rank:R,step:S,phase:{'|'.join(FAULT_PHASES)}") from None
-    if fault.phase not in FAULT_PHASES:
-        raise UserError(f"{FAULT_ENV}: phase must be one of {', '.join(FAULT_PHASES)}, got {fault.phase}")
-    return fault
+def faults_from_env() -> list[Fault]:
+    faults = []
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
+        try:
+            fields = dict(item.split(":", 1) for item in spec.split(","))
+            fault = Fault(rank=int(fields["rank"]), step=int(fields["step"]), phase=fields["phase"])
+        except (KeyError, ValueError):
+            raise UserError(f"{FAULT_ENV}={spec!r}: expected rank:R,step:S,phase:{'|'.join(FAULT_PHASES)}") from None
+        if fault.phase not in FAULT_PHASES:
+            raise UserError(f"{FAULT_ENV}: phase must be one of {', '.join(FAULT_PHASES)}, got {fault.phase}")
+        faults.append(fault)
+    return faults
 
 
 def _die() -> None:
@@ -153,11 +177,17 @@ class _KillAfterStep(TrainerCallback):
             _die()
 
 
-def install_fault(trainer) -> None:
-    """Arm the fault named by DSTRAIN_FAULT on this rank (nothing happens without the variable)."""
-    fault = fault_from_env()
-    if fault is None or fault.rank != rank():
-        return
+def install_faults(trainer, stop=None) -> None:
+    """Arm the faults DSTRAIN_FAULT names for this rank, and the batch trace DSTRAIN_TRACE_BATCHES asks
+    for (nothing happens without the variables). `stop`: the run's StopSignals, which phase pause waits on."""
+    for fault in faults_from_env():
+        if fault.rank == rank():
+            _install(trainer, fault, stop)
+    if os.environ.get(TRACE_ENV):
+        _trace_batches(trainer, Path(os.environ[TRACE_ENV]) / f"batches-rank{rank()}.jsonl")
+
+
+def _install(trainer, fault: Fault, stop) -> None:
     at_step = lambda: trainer.state.global_step == fault.step  # noqa: E731
     if fault.phase == "train":
         trainer.add_callback(_KillAfterStep(fault))
@@ -181,12 +211,47 @@ def install_fault(trainer) -> None:
             result = compute_loss(model, inputs, *args, **kwargs)
             if model.training and trainer.state.global_step + 1 == fault.step and not fired:
                 fired.append(True)
+                if fault.phase == "pause":
+                    _pause(fault, stop)
+                    return result
                 loss = result[0] if isinstance(result, tuple) else result
-                loss = loss * float("nan") if fault.phase == "nan" else _NanGradient.apply(loss)
+                loss = {"nan": lambda: loss * float("nan"), "spike": lambda: loss * SPIKE_FACTOR,
+                        "grad": lambda: _NanGradient.apply(loss)}[fault.phase]()
                 return (loss, *result[1:]) if isinstance(result, tuple) else loss
             return result
 
         trainer.compute_loss = faulty_loss
+
+
+def _pause(fault: Fault, stop) -> None:
+    print(f"{FAULT_ENV}: rank {rank()} pauses in step {fault.step} until a preemption signal", flush=True)
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while (stop is None or stop.received is None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _trace_batches(trainer, path: Path) -> None:
+    """One JSON line per micro-batch this rank is given ({"step", "input_ids"}) and per one it trains on
+    ({"step", "trained": true}): the data order as the Trainer delivers it, and what was computed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    get_batch_samples, compute_loss = trainer.get_batch_samples, trainer.compute_loss
+
+    def write(record: dict) -> None:
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def traced_batches(epoch_iterator, num_batches, device):
+        batches, items = get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batches:
+            write({"step": trainer.state.global_step + 1, "input_ids": batch["input_ids"].tolist()})
+        return batches, items
+
+    def traced_loss(model, inputs, *args, **kwargs):
+        if model.training:
+            write({"step": trainer.state.global_step + 1, "trained": True})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.get_batch_samples, trainer.compute_loss = traced_batches, traced_loss
 
 
 class _NanGradient(torch.autograd.Function):

@@ -5,11 +5,12 @@ then on CPU ranks: see `TrainingArguments.__post_init__`); everything else a run
 process happens here, in this order, on every rank.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dstrain.distributed import check_no_stale_build_locks, dump_stacks_on_sigusr1, release_shared_memory_names
 from dstrain.errors import UserError
 from dstrain.train.monitoring import set_wandb_environment
+from dstrain.train.preemption import StopSignals, parse_signals
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,14 @@ class Run:
     args: object  # dstrain.arguments.TrainingArguments or a TRL config built on it
     logged_arguments: tuple = ()
     eval_tasks: object = None  # dstrain.train.eval_tasks.EvalTasks: the --eval_tasks benchmarks, found and loaded
+    stop: StopSignals = field(default_factory=lambda: StopSignals([]))  # the preemption signals heard
 
 
 def start_run(training_args, *other_arguments) -> Run:
     """Prepare this process for training; every rank calls it at the top of the script's `main`:
     - `kill -USR1 <pid>` prints every thread's Python stack (the first thing to look at in a hung run);
+    - the --preemption_signals (SIGTERM, SIGUSR2) stop the run after the current optimizer step with a
+      checkpoint (dstrain/train/preemption.py); before training starts they stop it at once;
     - a DeepSpeed op-build lock left by an interrupted build is an error, not an endless wait;
     - WandB's project, group, tags and run folder are set from the flags;
     - DeepSpeed's CPU all-reduce buffers leave /dev/shm once every rank has opened them (before any
@@ -33,6 +37,8 @@ def start_run(training_args, *other_arguments) -> Run:
       not there offline stops the run now, not at the first evaluation.
     """
     dump_stacks_on_sigusr1()
+    stop = StopSignals(parse_signals(training_args.preemption_signals))
+    stop.install()
     if training_args.deepspeed:
         check_no_stale_build_locks()
     set_wandb_environment(training_args)
@@ -43,7 +49,7 @@ def start_run(training_args, *other_arguments) -> Run:
         from dstrain.train.eval_tasks import prepare_eval_tasks  # imports lm-evaluation-harness: only when asked
 
         eval_tasks = prepare_eval_tasks(training_args)
-    return Run(training_args, other_arguments, eval_tasks)
+    return Run(training_args, other_arguments, eval_tasks, stop)
 
 
 def check_deepspeed_config_agrees(args) -> None:

@@ -5,13 +5,16 @@ import math
 
 from transformers import Trainer
 
-from dstrain.distributed import print0
+from dstrain.distributed import is_main_process, print0
 from dstrain.errors import UserError
+from dstrain.train import provenance
 from dstrain.train.checkpoints import check_free_space, checkpoint_bytes_estimate, wait_for_every_rank_to_save
-from dstrain.train.faults import LOSS_SCALE_AT_MINIMUM, NonFiniteGuard, NumericalHealthCallback, install_fault
+from dstrain.train.faults import LOSS_SCALE_AT_MINIMUM, NonFiniteGuard, NumericalHealthCallback, install_faults
 from dstrain.train.monitoring import add_monitoring
+from dstrain.train.preemption import PreemptionCallback
 from dstrain.train.resume import ResumePlan
 from dstrain.train.run import Run
+from dstrain.train.spikes import SpikeRollback
 
 
 def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume: ResumePlan) -> Trainer:
@@ -40,12 +43,29 @@ def train_and_save(run: Run, trainer, tokenizer, resume: ResumePlan) -> None:
         add_harness_evaluation(trainer, run.eval_tasks)
     if resume.checkpoint:
         print0(f"Resuming from {resume.checkpoint}")
-    # Reliability (dstrain/train/faults.py, dstrain/train/checkpoints.py): fault injection (tests, DSTRAIN_FAULT only),
-    # non-finite loss / grad norm / fp16 loss scale, checkpoints complete on every rank before they count.
-    install_fault(trainer)
-    nonfinite = NonFiniteGuard(trainer, trainer.args.nonfinite_loss)
-    trainer.add_callback(NumericalHealthCallback(trainer))
-    wait_for_every_rank_to_save(trainer)
+    # Reliability: fault injection (tests, DSTRAIN_FAULT only), non-finite loss / grad norm / fp16 loss scale
+    # (faults.py), loss-spike rollback (spikes.py), preemption signals (preemption.py), checkpoints complete
+    # on every rank before they count (checkpoints.py), each with its provenance.json (provenance.py).
+    install_faults(trainer, run.stop)
+    spikes = SpikeRollback(trainer) if trainer.args.spike_rollback else None
+    if spikes:
+        spikes.restore(resume.checkpoint)
+    nonfinite = NonFiniteGuard(trainer, trainer.args.nonfinite_loss, spikes)
+    trainer.add_callback(NumericalHealthCallback(trainer, spikes))
+    if spikes:
+        trainer.add_callback(spikes)  # after the gradient-norm check, which reports to it
+    preemption = PreemptionCallback(run.stop)
+    trainer.add_callback(preemption)
+    record = provenance.collect(trainer.args, run.logged_arguments, tokenizer, trainer.model, resume.checkpoint) \
+        if is_main_process() else None
+
+    def write_extras(checkpoint_dir):
+        if is_main_process():
+            provenance.write(checkpoint_dir, record, trainer.state.global_step)
+            if spikes:
+                spikes.save(checkpoint_dir)
+
+    wait_for_every_rank_to_save(trainer, write_extras)
     if trainer.args.check_disk_space:  # every rank, so all stop together (each writes a shard)
         check_free_space(trainer.args.output_dir, checkpoint_bytes_estimate(trainer.model))
     try:
@@ -55,13 +75,19 @@ def train_and_save(run: Run, trainer, tokenizer, resume: ResumePlan) -> None:
             raise
         raise UserError(f"step {trainer.state.global_step + 1}: the fp16 loss scale collapsed ({error}); lower the "
                         "learning rate or train in bf16") from None
+    stopped = preemption.preempted(trainer.state)
+    if stopped:  # every rank: the checkpoint is written; cli_entry says so and ends the process (exit code 75)
+        raise stopped
     if nonfinite.skipped:
         result.metrics["nonfinite_skipped"] = nonfinite.skipped
+    if spikes and spikes.rollbacks:
+        result.metrics["spike_rollbacks"] = spikes.rollbacks
     # Under ZeRO-3 this gathers the shards (stage3_gather_16bit_weights_on_model_save) into
     # one plain HF folder that loads without DeepSpeed.
     trainer.save_model()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(trainer.args.output_dir)
+        provenance.write(trainer.args.output_dir, record, trainer.state.global_step)
         # A PEFT adapter folder holds no generation config; export.py gives the merged model these stop tokens.
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else None
         if base is not None and getattr(base, "generation_config", None) is not None:
