@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
@@ -119,6 +120,7 @@ def build_once(target: Path, build, what: str) -> None:
         time.sleep(1)  # ranks start together: let rank 0 take the lock, so its progress bar is the one printed
     while not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
+        _raise_if_failed_in_this_run(error, what)
         try:
             handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -153,6 +155,18 @@ def _build_holding(target: Path, lock: Path, error: Path, build) -> None:
         beating.set()
         shutil.rmtree(staging, ignore_errors=True)
         lock.unlink(missing_ok=True)
+
+
+def _raise_if_failed_in_this_run(error: Path, what: str) -> None:
+    """A failure written since this process started is this run's verdict: another rank got there
+    first, failed, and freed the lock. Building again would only repeat the failure, and, killed
+    half-way by the launcher once that rank exits, leave a lock that holds up the next run."""
+    try:
+        failed_at = error.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if failed_at >= psutil.Process().create_time():
+        raise UserError(f"{what}: the build failed on another process: {error.read_text().strip()}")
 
 
 def _wait_for(target: Path, lock: Path, error: Path, what: str) -> None:

@@ -255,6 +255,23 @@ def test_a_failed_build_ends_the_waiting_processes_with_its_error(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_process_arriving_after_a_failure_of_its_run_reports_it_rather_than_building_again(tmp_path):
+    """The first "rank" fails before the second reaches the data (the lock is already free): the second
+    takes that failure as its own rather than build again; a launcher killing it half-way through
+    that second build left a lock that held up the next run (seen on CI)."""
+    answers, builds = run_builders([tmp_path / "cache"] * 2, delay=0, fail_first=True, tmp_path=tmp_path)
+    assert len(builds) == 1 and all("corpus.jsonl:7: malformed JSON" in answer for answer in answers), answers
+    assert not (tmp_path / "cache.lock").exists()
+
+
+def test_a_failure_left_by_an_earlier_run_is_built_over(tmp_path):
+    error = tmp_path / "cache.error"
+    error.write_text("corpus.jsonl:7: malformed JSON")
+    os.utime(error, (time.time() - 3600, time.time() - 3600))  # written before this process started
+    build_once(tmp_path / "cache", lambda staging: staging.mkdir(), "the test cache")
+    assert (tmp_path / "cache").is_dir() and not error.exists()
+
+
 def test_a_lock_left_by_a_dead_builder_is_named_not_waited_on_forever(tmp_path):
     lock = tmp_path / "cache.lock"
     lock.write_text("node-7 pid 4242")
