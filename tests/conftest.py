@@ -2,6 +2,7 @@
 and the uninterrupted 2-rank pretraining runs several modules compare against."""
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,16 @@ def zero3_run(tmp_path_factory, tokenizer_dir, docs_corpus, cache_dir):
     result = run_deepspeed("pretrain.py", workdir / "run.json", "--learning_rate", "5e-3")
     assert_succeeded(result)
     return workdir / "out", result
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_kept():
+    """A test that calls `start_run` in this process installs the preemption handlers, as a run does; left
+    behind, they made later tests' forked pool workers survive `Pool.terminate()` (a hang seen in the suite)."""
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)}
+    yield
+    for sig, handler in kept.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture

@@ -233,6 +233,8 @@ def run_builders(targets, delay=1.5, fail_first=False, tmp_path=None):
                                                                 f"built {i}", str(log))))
             time.sleep(0.3)  # the first one starts the build
         answers = [result.get(timeout=60) for result in results]
+        pool.close()
+        pool.join()
     return answers, log.read_text().split()
 
 

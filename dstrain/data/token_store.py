@@ -20,6 +20,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,13 @@ def _start_worker(tokenizer_json: str, eos: int, text_field: str, skip_bad_recor
                    skip=skip_bad_records, dtype=np.dtype(dtype), pad=pad)
 
 
+def _start_pool_worker(*settings) -> None:
+    # The run's preemption handler came with the fork: here it would keep a worker alive through the
+    # SIGTERM of `Pool.terminate()` (the pool's way out on an error), and the parent would wait forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _start_worker(*settings)
+
+
 def _chunk_texts(chunk) -> tuple[list[str], list[int], list[str], int]:
     """The chunk's non-empty texts, their row numbers, the problems of the records skipped, how many."""
     texts, rows, problems, skipped = [], [], [], 0
@@ -258,7 +266,7 @@ def build_store(item, tokenizer, text_field: str, skip_bad_records: bool, worker
             # fork, as datasets' map does: spawn would import the entry script (torch, transformers) in every
             # worker. The workers use numpy and the tokenizer only, never the parent's threads or CUDA.
             context = multiprocessing.get_context("fork")
-            with context.Pool(workers, initializer=_start_worker, initargs=settings) as pool:
+            with context.Pool(workers, initializer=_start_pool_worker, initargs=settings) as pool:
                 pending = deque()
                 for chunk in _chunks(item, text_field):
                     pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
