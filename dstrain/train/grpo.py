@@ -10,16 +10,33 @@ with one line (dstrain/train/rewards.py).
 """
 
 from trl import GRPOTrainer
+from trl.trainer.utils import RepeatSampler
 
 from dstrain.model.adapters import lora_config, report_trainable
 from dstrain.train.rewards import Rewards
 
 
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's prompt sampler with each epoch's order drawn from (seed, epoch). TRL's draws each epoch's order from
+    one generator seeded once, and a run resumed in a later epoch skips the earlier epochs without drawing their
+    orders, so it trained on other prompts than the uninterrupted run did from the checkpoint on (checked here:
+    identical losses through the checkpoint, different after). HF's Trainer calls set_epoch before each epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + epoch)
+
+
 class CheckedRewardsGRPOTrainer(GRPOTrainer):
     """GRPOTrainer that, after each batch's rewards are computed and gathered on every rank, stops all ranks
-    together when a reward function failed on any of them."""
+    together when a reward function failed on any of them; and whose prompt order resumes exactly."""
 
     checked_rewards: Rewards
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        sampler.__class__ = EpochSeededRepeatSampler
+        return sampler
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
