@@ -456,3 +456,76 @@ class RewardTrainingArguments(_PreferenceTrainingDefaults, trl.RewardConfig, Tra
 @dataclass
 class DPOTrainingArguments(_PreferenceTrainingDefaults, trl.DPOConfig, TrainingArguments):
     """dpo.py: the training arguments above plus TRL's DPO ones (--beta, --loss_type, --precompute_ref_log_probs)."""
+
+
+@dataclass
+class PromptDataArguments(CorpusArguments):
+    """grpo.py: prompts as strings or message lists, with any other fields for the rewards (dstrain/data/prompts.py)."""
+
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Prompts longer than this many tokens (rendered, with the assistant's opening) "
+                                        "are dropped and counted (default: the model's context less "
+                                        "--max_completion_length)."}
+    )
+    answer_field: str = field(
+        default="answer", metadata={"help": "The record field the exact_answer and math_answer rewards compare with."}
+    )
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "Percent of prompts held out for evaluation (each generates and is scored; "
+                                       "0: none)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise UserError(f"--max_prompt_length must be at least 1, got {self.max_prompt_length}")
+
+
+@dataclass
+class GRPOTrainingArguments(trl.GRPOConfig, TrainingArguments):
+    """grpo.py: the training arguments above plus TRL's GRPO ones (--num_generations, --max_completion_length,
+    --temperature, --beta, --loss_type grpo|dapo|dr_grpo|..., --reward_weights, --use_vllm, ...). TRL's defaults
+    are kept except bf16 and activation checkpointing, which are off unless asked (as in the other stages)."""
+
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Rewards, summed with --reward_weights: exact_answer, math_answer, format, length (built-in, "
+                          "see dstrain/train/rewards.py), module:function or file.py:function (TRL's signature "
+                          "f(prompts, completions, **fields) -> list of numbers), or a reward model folder (reward.py)."}
+    )
+    format_pattern: str = field(
+        default=r"<think>.*?</think>\s*<answer>.*?</answer>",
+        metadata={"help": "The regex the whole completion must match for the format reward."}
+    )
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (GPU only)."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Old name of --activation_checkpointing: recompute activations to save memory.",
+                                "nargs": "?", "const": True}
+    )
+    log_completions: bool = field(
+        default=True, metadata={"help": "Log sample completions with their rewards every logging step (a WandB "
+                                        "table with --report_to wandb)."}
+    )
+    num_completions_to_print: int | None = field(
+        default=4, metadata={"help": "Completions printed to the console with --log_completions."}
+    )
+    # --trust_remote_code is ModelArguments'; the script builds every model itself.
+    trust_remote_code: bool = field(default=False, init=False)
+
+    def __post_init__(self):
+        if self.use_vllm:
+            # TRL would fail later, inside the trainer, with an ImportError or a CUDA error.
+            if find_spec("vllm") is None:
+                raise UserError("--use_vllm needs vLLM, which is not installed (pip install vllm; it needs a GPU); "
+                                "leave it out to generate with transformers")
+            if not torch.cuda.is_available():
+                raise UserError("--use_vllm needs a GPU; leave it out to generate with transformers")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise UserError(f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                            "--reward_funcs: give one weight per reward")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise UserError("--max_completion_length must be at least 1")
+        try:  # GRPOConfig's own checks (batch sizes against --num_generations) raise ValueError
+            super().__post_init__()
+        except ValueError as error:
+            raise UserError(f"invalid GRPO arguments: {str(error).splitlines()[0]}") from None
