@@ -27,6 +27,7 @@ from dstrain.model.adapters import apply_lora, quantization_config
 from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
 from dstrain.train.resume import apply_resume_plan, plan_resume
 from dstrain.train.run import start_run
+from dstrain.train.sequence_parallel import check_sequence_length, refuse_chat_rows
 from dstrain.train.steps import train_save_evaluate
 
 ARGUMENTS = (ModelArguments, AdapterDataArguments, LoraArguments, TrainingArguments)
@@ -49,9 +50,12 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     # ===== 2. data: chat conversations (as sft.py) or plain text blocks (as pretrain.py) =====
     if data_args.stage == "sft":
         require_chat_template(tokenizer, model_args.tokenizer_name)
+        refuse_chat_rows(training_args.sequence_parallel_size)
         data = sft_datasets(data_args, tokenizer, training_args.seed)
     else:
-        block_size = choose_block_size(data_args.block_size, config, model_args.model_name_or_path)
+        block_size = choose_block_size(data_args.block_size, config, model_args.model_name_or_path,
+                                       follow_context=model_args.extends_context())
+        check_sequence_length(block_size, training_args.sequence_parallel_size, "--block_size")
         data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed)
 
     # ===== 3. frozen base model + adapters; the data audit =====

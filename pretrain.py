@@ -25,6 +25,7 @@ from dstrain.distributed import finish
 from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
 from dstrain.train.resume import apply_resume_plan, plan_resume
 from dstrain.train.run import start_run
+from dstrain.train.sequence_parallel import check_sequence_length
 from dstrain.train.steps import train_save_evaluate
 
 ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
@@ -40,8 +41,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     # ===== 1. tokenizer, and the model config it implies =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     config = model_config_for(model_args, tokenizer)
-    block_size = choose_block_size(data_args.block_size, config,
-                                   model_args.config_name or model_args.model_name_or_path)
+    block_size = choose_block_size(data_args.block_size, config, model_args.config_name or model_args.model_name_or_path,
+                                   follow_context=model_args.extends_context())
+    check_sequence_length(block_size, training_args.sequence_parallel_size, "--block_size")  # --sequence_parallel_size
 
     # ===== 2. data: tokenized once (first process per node), packed into blocks =====
     data = pretraining_datasets(data_args, tokenizer, block_size, training_args.seed)

@@ -29,6 +29,7 @@ from dstrain.errors import UserError
 from dstrain.model.loading import build_model, context_length, load_tokenizer, model_config_for
 from dstrain.train.resume import apply_resume_plan, plan_resume
 from dstrain.train.run import start_run
+from dstrain.train.sequence_parallel import refuse_chat_rows
 from dstrain.train.steps import train_save_evaluate
 
 ARGUMENTS = (ModelArguments, ChatDataArguments, TrainingArguments)
@@ -42,6 +43,7 @@ def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args
     # ===== 1. tokenizer with its chat template, and the model config =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     require_chat_template(tokenizer, model_args.tokenizer_name)
+    refuse_chat_rows(training_args.sequence_parallel_size)  # --sequence_parallel_size: pretraining only, for now
     config = model_config_for(model_args, tokenizer)
     context = context_length(config)
     if context and data_args.max_length > context:

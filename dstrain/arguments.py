@@ -19,6 +19,7 @@ from dstrain.distributed import join_cpu_ranks
 from dstrain.errors import UserError
 from dstrain.train.monitoring import load_prompts
 from dstrain.train.preemption import DEFAULT_SIGNALS, parse_signals
+from dstrain.train.sequence_parallel import check_sizes, parallelism_config
 
 
 @dataclass
@@ -46,8 +47,22 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder. Off unless you trust its source."}
     )
+    # Context extension (dstrain/model/config.py: extend_context)
+    rope_scaling: str | None = field(
+        default=None, metadata={"help": "RoPE scaling for a longer context: TYPE:FACTOR (linear:2, dynamic:2, yarn:4) "
+                                        "or a JSON object of transformers' rope_parameters. The context becomes the "
+                                        "model's times the factor unless --max_position_embeddings says otherwise."}
+    )
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "The model's new context in tokens; --block_size then defaults to it."}
+    )
+
+    def extends_context(self) -> bool:
+        return bool(self.rope_scaling or self.max_position_embeddings)
 
     def __post_init__(self):
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 2:
+            raise UserError(f"--max_position_embeddings must be at least 2, got {self.max_position_embeddings}")
         if self.model_name_or_path and self.config_name:
             raise UserError("give either --model_name_or_path (start from trained weights) or --config_name "
                             "(a new model), not both")
@@ -285,6 +300,13 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Train from scratch even if output_dir already holds checkpoints."}
     )
+    # Long context (dstrain/train/sequence_parallel.py)
+    sequence_parallel_size: int = field(
+        default=1, metadata={"help": "Split each sequence across this many ranks (DeepSpeed Ulysses: attention heads "
+                                     "exchanged by all-to-all); data parallel over the remaining ranks. Needs "
+                                     "--deepspeed, a world size it divides, and sequence lengths and attention heads "
+                                     "it divides (pretrain.py, lora.py --stage pretrain; packed SFT on flash attention)."}
+    )
     # Elastic resume (dstrain/train/elastic.py)
     keep_global_batch_size: bool = field(
         default=True, metadata={"help": "Resuming on another number of ranks: recompute gradient accumulation so the "
@@ -380,6 +402,9 @@ class TrainingArguments(transformers.TrainingArguments):
             self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
         self._check_monitoring_flags()
         self._check_reliability_flags()
+        check_sizes(self.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), self.deepspeed)
+        if self.sequence_parallel_size > 1:  # the flag, as HF's Trainer and accelerate take it
+            self.parallelism_config = parallelism_config(self.sequence_parallel_size)
         # The one side effect of building the arguments, and why it cannot wait for start_run: HF's
         # TrainingArguments sets up its devices while it is built (super().__post_init__), and on CPU
         # ranks that only works when accelerate's state already holds a gloo process group, which the
@@ -447,6 +472,18 @@ class _PreferenceTrainingDefaults:
     # are built, so TRL must not cut them again (its collators cut at max_length when it is set).
     max_length: int | None = field(default=None, init=False)
 
+    def __post_init__(self):
+        refuse_sequence_parallel(self)
+        super().__post_init__()
+
+
+def refuse_sequence_parallel(args) -> None:
+    # TRL's preference and GRPO losses gather per-sequence log-probabilities over whole sequences: the
+    # Ulysses data adapter would hand them slices of each sequence.
+    if getattr(args, "sequence_parallel_size", 1) > 1:
+        raise UserError("--sequence_parallel_size: reward.py, dpo.py and grpo.py score whole sequences and cannot "
+                        "split them across ranks; it is for pretrain.py, sft.py and lora.py")
+
 
 @dataclass
 class RewardTrainingArguments(_PreferenceTrainingDefaults, trl.RewardConfig, TrainingArguments):
@@ -513,6 +550,7 @@ class GRPOTrainingArguments(trl.GRPOConfig, TrainingArguments):
     trust_remote_code: bool = field(default=False, init=False)
 
     def __post_init__(self):
+        refuse_sequence_parallel(self)
         if self.use_vllm:
             # TRL would fail later, inside the trainer, with an ImportError or a CUDA error.
             if find_spec("vllm") is None:

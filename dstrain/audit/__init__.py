@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dstrain.audit.findings import Audit, Finding, SplitAudit
-from dstrain.audit.model_checks import embedding_rows, model_findings, planned_generation_config, template_findings
+from dstrain.audit.model_checks import context_findings, embedding_rows, model_findings, planned_generation_config, template_findings
 from dstrain.audit.splits import STAGES, AuditContext
 from dstrain.data.cache import cache_key
 from dstrain.data.chat_template import closing_token
@@ -49,6 +49,7 @@ def audit(stage: str, data, tokenizer, config=None, generation_config=None, mode
     end_of_turn = closing_token(tokenizer) if checks.chat else None
     findings = template_findings(tokenizer, end_of_turn, generation_config) if checks.chat else []
     findings += model_findings(tokenizer, config, generation_config, model)
+    findings += context_findings(config, data, max_length)
     rows = embedding_rows(model, config)
 
     def audit_splits() -> dict[str, SplitAudit]:

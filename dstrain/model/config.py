@@ -77,6 +77,64 @@ def derive_model_config(tokenizer: PreTrainedTokenizerBase, config_name: str, ov
     return config
 
 
+# RoPE variants that stretch a trained context (transformers' ROPE_INIT_FUNCTIONS); "default" stretches nothing.
+SCALED_ROPE = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def parse_rope_scaling(value: str) -> dict:
+    """`--rope_scaling yarn:4` or a JSON object in transformers' rope_parameters form
+    (`{"rope_type": "yarn", "factor": 4, "beta_fast": 32}`): the parameters to lay over the model's own."""
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--rope_scaling: not valid JSON ({error})") from None
+        if not isinstance(params, dict):
+            raise UserError("--rope_scaling: expected a JSON object such as {\"rope_type\": \"yarn\", \"factor\": 4}")
+        params = dict(params)
+        if "type" in params and "rope_type" not in params:  # the older key, as in many published configs
+            params["rope_type"] = params.pop("type")
+    else:
+        kind, _, factor = text.partition(":")
+        try:
+            params = {"rope_type": kind.strip(), "factor": float(factor)}
+        except ValueError:
+            raise UserError(f"--rope_scaling '{value}': expected TYPE:FACTOR (e.g. yarn:4, linear:2) or a JSON "
+                            "object") from None
+    if params.get("rope_type") not in SCALED_ROPE:
+        raise UserError(f"--rope_scaling: rope type '{params.get('rope_type')}' is not one of {', '.join(SCALED_ROPE)}")
+    factor = params.get("factor")
+    if not isinstance(factor, (int, float)) or factor < 1:
+        raise UserError(f"--rope_scaling: factor must be a number of at least 1, got {factor}")
+    return params
+
+
+def extend_context(config: PretrainedConfig, rope_scaling: str | None, max_position_embeddings: int | None) -> None:
+    """Context extension for continued pretraining: RoPE scaling over the model's rope parameters, and the
+    longer context it serves (--max_position_embeddings, else the trained context times the factor).
+    Both are written into the config, so the saved model carries them and loads extended anywhere."""
+    if not rope_scaling and not max_position_embeddings:
+        return
+    trained = getattr(config, "max_position_embeddings", None)
+    if trained is None or getattr(config, "rope_parameters", None) is None:
+        raise UserError(f"--rope_scaling/--max_position_embeddings: the {config.model_type} config has no RoPE "
+                        "parameters and max_position_embeddings to extend")
+    new_context = max_position_embeddings
+    if rope_scaling:
+        params = parse_rope_scaling(rope_scaling)
+        rope = {**config.rope_parameters, **params}
+        if params["rope_type"] != "linear":  # these scale relative to the context the model was trained on
+            rope.setdefault("original_max_position_embeddings", trained)
+        config.rope_parameters = rope
+        new_context = new_context or int(trained * params["factor"])
+    config.max_position_embeddings = new_context
+    try:
+        config.validate_rope()
+    except (ValueError, KeyError) as error:
+        raise UserError(f"--rope_scaling {rope_scaling}: {str(error).splitlines()[0]}") from None
+
+
 def check_model_tokenizer_pair(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
     """Refuse a model whose embeddings or special ids disagree with the tokenizer."""
     vocab = getattr(config, "vocab_size", None)

@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dstrain.distributed import print0
 from dstrain.errors import UserError
-from dstrain.model.config import check_model_tokenizer_pair, derive_model_config, describe_size
+from dstrain.model.config import check_model_tokenizer_pair, derive_model_config, describe_size, extend_context
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -34,6 +34,7 @@ def model_config_for(model_args, tokenizer):
                                             trust_remote_code=model_args.trust_remote_code)
         where = f"--model_name_or_path {model_args.model_name_or_path}"
     check_model_tokenizer_pair(config, tokenizer, f"{where} with tokenizer {model_args.tokenizer_name}")
+    extend_context(config, model_args.rope_scaling, model_args.max_position_embeddings)
     return config
 
 
@@ -41,10 +42,12 @@ def context_length(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def choose_block_size(requested: int | None, config, where: str) -> int:
+def choose_block_size(requested: int | None, config, where: str, follow_context: bool = False) -> int:
+    """--block_size, or by default the model's context up to 2048; all of it when the context was just
+    extended (`follow_context`: training at the new length is the point of extending it)."""
     context = context_length(config)
     if requested is None:
-        return min(context or 2048, 2048)
+        return context if follow_context and context else min(context or 2048, 2048)
     if context is not None and requested > context:
         raise UserError(f"--block_size {requested} is larger than the model's context "
                         f"(max_position_embeddings={context} in {where})")

@@ -190,9 +190,12 @@ class TrainingMonitor(TrainerCallback):
         if not (module.training and torch.is_grad_enabled()) or not isinstance(input_ids, torch.Tensor):
             return  # eval, generation, a reference model's no-grad pass
         tokens = counted_tokens(input_ids, kwargs.get("attention_mask"))
+        # Under --sequence_parallel_size N each rank holds 1/N of every sequence: its tokens are its own
+        # (summed over ranks they count once), but a sequence is shared by N ranks and is as long as N slices.
+        split = getattr(self.args, "sequence_parallel_size", 1)
         batch = torch.stack([torch.as_tensor(tokens, device=input_ids.device, dtype=torch.float64),
-                             torch.tensor(float(input_ids.shape[0]), device=input_ids.device, dtype=torch.float64)])
-        batch = torch.cat([batch, batch[:1] * input_ids.shape[-1]])
+                             torch.tensor(input_ids.shape[0] / split, device=input_ids.device, dtype=torch.float64)])
+        batch = torch.cat([batch, batch[:1] * input_ids.shape[-1] * split])
         self.counts = batch if self.counts is None else self.counts + batch
 
     def on_train_begin(self, args, state, control, **kwargs):

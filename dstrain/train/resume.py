@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dstrain.distributed import is_main_process, print0
 from dstrain.errors import UserError
+from dstrain.train import provenance
 from dstrain.train.checkpoints import checkpoint_folders, choose_resume_point, finished_model_files, set_aside
 from dstrain.train.elastic import SavedTopology, accumulation_for, load_on_this_world_size, saved_topology
 
@@ -29,6 +30,8 @@ def plan_resume(args) -> ResumePlan:
     written by another world size, the gradient accumulation that keeps its global batch
     (dstrain/train/elastic.py has the rules). Refuses to train over another run's checkpoints or model."""
     checkpoint = choose_checkpoint(args)
+    if checkpoint is not None:
+        check_same_sequence_split(args, checkpoint)
     if checkpoint is None or not args.deepspeed:
         return ResumePlan(checkpoint)
     saved = saved_topology(checkpoint)
@@ -55,6 +58,20 @@ def apply_resume_plan(args, plan: ResumePlan) -> None:
     plan's, and DeepSpeed is told to load the universal checkpoint."""
     if plan.written_by is not None:
         load_on_this_world_size(args, plan.checkpoint, plan.written_by.tag, plan.gradient_accumulation_steps)
+
+
+def check_same_sequence_split(args, checkpoint: str) -> None:
+    """A run continues with the --sequence_parallel_size it was saved with. Another size changes how many
+    sequences one optimizer step takes (micro-batches per data-parallel group), and DeepSpeed's
+    checkpoint records only the world size (its dp_world_size is the SP x DP group), so a mismatch
+    would load and then train on another data order and batch: refused. Checkpoints written before the
+    flag existed (no value in provenance.json) count as 1."""
+    record = provenance.read(checkpoint, quiet=True) or {}
+    saved = int((record.get("arguments") or {}).get("TrainingArguments", {}).get("sequence_parallel_size") or 1)
+    wanted = getattr(args, "sequence_parallel_size", 1)
+    if saved != wanted:
+        raise UserError(f"{checkpoint} was trained with --sequence_parallel_size {saved}; this run asks for {wanted}. "
+                        f"Resume with --sequence_parallel_size {saved} (changing it mid-run is not supported)")
 
 
 def choose_checkpoint(args) -> str | None:

@@ -13,6 +13,7 @@ from dstrain.train.faults import LOSS_SCALE_AT_MINIMUM, NonFiniteGuard, Numerica
 from dstrain.train.monitoring import add_monitoring
 from dstrain.train.preemption import PreemptionCallback
 from dstrain.train.resume import ResumePlan
+from dstrain.train import sequence_parallel
 from dstrain.train.run import Run
 from dstrain.train.spikes import SpikeRollback
 
@@ -20,7 +21,11 @@ from dstrain.train.spikes import SpikeRollback
 def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume: ResumePlan) -> Trainer:
     """Every stage's last steps: Trainer, train (resuming if planned), save a plain HF folder with the
     tokenizer, then loss and perplexity on the validation split if there is one."""
-    trainer = Trainer(
+    trainer_class = Trainer
+    if run.args.sequence_parallel_size > 1:  # DeepSpeed Ulysses: dstrain/train/sequence_parallel.py
+        sequence_parallel.prepare_model(run.args, model)
+        trainer_class, data_collator = sequence_parallel.SequenceParallelTrainer, sequence_parallel.WithPositionIds(data_collator)
+    trainer = trainer_class(
         model=model,
         args=run.args,
         train_dataset=data["train"],

@@ -1,0 +1,199 @@
+"""Long context: --sequence_parallel_size (DeepSpeed Ulysses) against the same run without it, on real
+CPU ranks; its refusals; and context extension (--rope_scaling, --max_position_embeddings)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dstrain.arguments import ModelArguments, RewardTrainingArguments, TrainingArguments
+from dstrain.errors import UserError
+from dstrain.model.loading import choose_block_size, model_config_for
+from dstrain.train import sequence_parallel
+from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process, train_flags
+
+STEPS, SAVE_AT = 6, 3
+MAX_GRAD_NORM = 1.0  # the runs' grad norms straddle it: clipping acts on some steps and not on others
+TOLERANCE = 1e-4
+
+
+def sp_flags(base_model, corpus, output_dir, cache_dir, **overrides):
+    """Continued pretraining of the session's tiny model (so ZeRO-2 and ZeRO-3, which draw a new model's
+    random weights differently, start from the same weights); block 64 = 2 x 32 tokens per rank; its
+    4 heads and 2 key/value heads split by 2."""
+    flags = train_flags(base_model, corpus, output_dir, cache_dir, max_steps=STEPS, save_steps=SAVE_AT,
+                        max_grad_norm=MAX_GRAD_NORM, attn_implementation="sdpa", **overrides)
+    at = flags.index("--config_name")
+    return flags[:at] + ["--model_name_or_path", str(base_model)] + flags[at + 2:]
+
+
+def log_entries(output_dir: Path) -> dict[int, dict]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry for entry in state["log_history"] if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def sp_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
+    """One rank without sequence parallelism (the reference), and two ranks splitting every sequence
+    in two (one SP group, no data parallelism) under ZeRO-2 and ZeRO-3: the same weights, data, batches
+    and steps."""
+    root = tmp_path_factory.mktemp("longctx")
+    runs = {}
+    for name, ranks, config, size in (("reference", 1, "zero2", 1), ("zero2", 2, "zero2", 2), ("zero3", 2, "zero3", 2)):
+        output_dir = root / name
+        result = run_deepspeed("pretrain.py", "--deepspeed", REPO / f"ds_configs/{config}.json",
+                               *sp_flags(base_model, docs_corpus, output_dir, cache_dir,
+                                         sequence_parallel_size=size), ranks=ranks)
+        assert_succeeded(result)
+        runs[name] = output_dir
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_sequence_parallel_matches_one_rank_losses_and_grad_norms(sp_runs, stage):
+    reference, split = log_entries(sp_runs["reference"]), log_entries(sp_runs[stage])
+    assert sorted(reference) == sorted(split) == list(range(1, STEPS + 1))
+    for step in reference:
+        assert split[step]["loss"] == pytest.approx(reference[step]["loss"], abs=TOLERANCE), (step, reference, split)
+        # Without the gradient-scale fix every grad norm here is exactly twice the reference's.
+        assert split[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], abs=TOLERANCE), step
+    norms = [entry["grad_norm"] for entry in reference.values()]
+    assert min(norms) < MAX_GRAD_NORM < max(norms), norms  # clipping acted on some steps, not all
+    assert len({round(entry["loss"], 3) for entry in reference.values()}) == STEPS  # the runs trained
+    # Each token counted once: the two ranks together saw as many tokens as the one rank did.
+    assert split[STEPS]["tokens_seen"] == reference[STEPS]["tokens_seen"] == STEPS * 8 * 64
+    assert split[STEPS]["samples_per_second"] == pytest.approx(
+        split[STEPS]["tokens_per_second"] / 64, rel=1e-6)  # a sequence counted once, not once per rank
+    assert (sp_runs[stage] / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sequence_parallel_resumes_with_the_same_size_and_refuses_another(sp_runs, base_model, docs_corpus,
+                                                                        cache_dir, tmp_path):
+    """The ZeRO-2 run's checkpoint at step 3, continued to step 6, gives the uninterrupted run's steps;
+    continuing it without sequence parallelism is refused in one line before any work."""
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    shutil.copytree(sp_runs["zero2"] / f"checkpoint-{SAVE_AT}", chain / f"checkpoint-{SAVE_AT}")
+    flags = sp_flags(base_model, docs_corpus, chain, cache_dir)
+    refused = run_main_in_process("pretrain.py", *flags, "--resume_from_checkpoint", "last")  # size 1, one process
+    assert_clean_error(refused, f"checkpoint-{SAVE_AT} was trained with --sequence_parallel_size 2", "asks for 1")
+    resumed = run_deepspeed("pretrain.py", "--deepspeed", REPO / "ds_configs/zero2.json", *flags,
+                            "--sequence_parallel_size", "2", "--resume_from_checkpoint", "last")
+    assert_succeeded(resumed)
+    full, continued = log_entries(sp_runs["zero2"]), log_entries(chain)
+    assert sorted(continued) == list(range(1, STEPS + 1))
+    for step in range(SAVE_AT + 1, STEPS + 1):
+        assert continued[step]["loss"] == pytest.approx(full[step]["loss"], abs=TOLERANCE), step
+        assert continued[step]["grad_norm"] == pytest.approx(full[step]["grad_norm"], abs=TOLERANCE), step
+
+
+# ===== refusals, in-process =====
+
+def test_sequence_parallel_size_must_fit_the_launch(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="does not divide the world size 2"):
+        TrainingArguments(output_dir=str(tmp_path), sequence_parallel_size=3, deepspeed="ds_configs/zero2.json")
+    with pytest.raises(UserError, match="needs DeepSpeed"):
+        TrainingArguments(output_dir=str(tmp_path), sequence_parallel_size=2)
+    with pytest.raises(UserError, match="at least 1"):
+        TrainingArguments(output_dir=str(tmp_path), sequence_parallel_size=0)
+    with pytest.raises(UserError, match="reward.py, dpo.py and grpo.py"):
+        RewardTrainingArguments(output_dir=str(tmp_path), sequence_parallel_size=2)
+
+
+def tiny_model(attn="sdpa", **sizes):
+    config = AutoConfig.for_model("llama", hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                  vocab_size=64, **({"num_attention_heads": 4, "num_key_value_heads": 2} | sizes))
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+
+
+def test_models_ulysses_cannot_split_are_refused():
+    assert sequence_parallel.check_model(tiny_model(), 2) == "sdpa"
+    assert sequence_parallel.check_model(tiny_model(), 4) == "sdpa"  # 4 ranks share 2 kv heads: replicated
+    with pytest.raises(UserError, match="attention 'eager' cannot be split"):
+        sequence_parallel.check_model(tiny_model("eager"), 2)
+    with pytest.raises(UserError, match="does not divide the 4 attention heads"):
+        sequence_parallel.check_model(tiny_model(), 3)
+    with pytest.raises(UserError, match="the 3 key/value heads"):
+        sequence_parallel.check_model(tiny_model(num_attention_heads=6, num_key_value_heads=3), 2)
+    mamba = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", hidden_size=32, num_hidden_layers=1,
+                                                                  vocab_size=64))
+    with pytest.raises(UserError, match="does not call its attention through transformers' attention interface"):
+        sequence_parallel.check_model(mamba, 2)
+    with pytest.raises(UserError, match="--block_size 63 is not divisible by --sequence_parallel_size 2"):
+        sequence_parallel.check_sequence_length(63, 2, "--block_size")
+
+
+def test_gradient_share_follows_deepspeeds_reduction():
+    assert sequence_parallel.gradient_share({"stage": 2}, 2) == 0.5  # ZeRO-1/2 divide by the data-parallel size
+    assert sequence_parallel.gradient_share({}, 4) == 0.25  # no ZeRO: the engine's all-reduce does the same
+    assert sequence_parallel.gradient_share({"stage": 3}, 2) == 1.0  # reduce-scatter averages over SP x DP
+    with pytest.raises(UserError, match="needs \"reduce_scatter\": true"):
+        sequence_parallel.gradient_share({"stage": 3, "reduce_scatter": False}, 2)
+
+
+def test_chat_data_is_refused():
+    sequence_parallel.refuse_chat_rows(1)
+    with pytest.raises(UserError, match="not supported with chat data yet"):
+        sequence_parallel.refuse_chat_rows(2)
+
+
+# ===== context extension =====
+
+@pytest.mark.parametrize("flag, rope", [("linear:2", {"rope_type": "linear", "factor": 2.0}),
+                                        ("yarn:2", {"rope_type": "yarn", "factor": 2.0,
+                                                    "original_max_position_embeddings": 512}),
+                                        ('{"type": "dynamic", "factor": 2}', {"rope_type": "dynamic", "factor": 2,
+                                                                             "original_max_position_embeddings": 512})])
+def test_rope_scaling_extends_the_context_and_the_block_size_follows(tokenizer_dir, flag, rope):
+    from dstrain.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    args = ModelArguments(config_name="tiny", tokenizer_name=str(tokenizer_dir), rope_scaling=flag)
+    config = model_config_for(args, tokenizer)
+    assert config.max_position_embeddings == 1024  # the tiny preset's 512, times 2
+    assert {key: config.rope_parameters[key] for key in rope} == rope
+    assert choose_block_size(None, config, "tiny", follow_context=args.extends_context()) == 1024
+    longer = model_config_for(ModelArguments(config_name="tiny", tokenizer_name=str(tokenizer_dir),
+                                             rope_scaling=flag, max_position_embeddings=768), tokenizer)
+    assert longer.max_position_embeddings == 768
+
+
+@pytest.mark.parametrize("flag, message", [("cubic:2", "rope type 'cubic' is not one of"),
+                                           ("yarn:0.5", "factor must be a number of at least 1"),
+                                           ("yarn", "expected TYPE:FACTOR"),
+                                           ('{"rope_type": "llama3", "factor": 2}', "low_freq_factor")])
+def test_bad_rope_scaling_is_one_line(tokenizer_dir, flag, message):
+    from dstrain.model.loading import load_tokenizer
+
+    args = ModelArguments(config_name="tiny", tokenizer_name=str(tokenizer_dir), rope_scaling=flag)
+    with pytest.raises(UserError, match=message):
+        model_config_for(args, load_tokenizer(str(tokenizer_dir)))
+
+
+def test_continued_pretraining_at_an_extended_context(base_model, docs_corpus, cache_dir, tmp_path):
+    """The trained tiny model (context 512) continues at 1024 tokens with YaRN: blocks of 1024 by default,
+    the audit checks rows against the new context, and the saved model loads extended without dstrain."""
+    out = tmp_path / "extended"
+    result = run_main_in_process(
+        "pretrain.py", "--model_name_or_path", base_model, "--rope_scaling", "yarn:2", "--train_files", docs_corpus,
+        "--per_device_train_batch_size", "1", "--max_steps", "2", "--logging_steps", "1", "--save_steps", "100",
+        "--validation_split_percentage", "0", "--report_to", "none", "--output_dir", out, "--data_cache_dir",
+        cache_dir)
+    assert_succeeded(result)
+    assert log_entries(out)[2]["tokens_seen"] == 2 * 1024  # two blocks of the new context, by default
+    saved = AutoConfig.from_pretrained(out)
+    assert saved.max_position_embeddings == 1024
+    assert saved.rope_parameters["rope_type"] == "yarn" and saved.rope_parameters["factor"] == 2.0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.model.rotary_emb.rope_type == "yarn"
+    # The audit compares rows with the extended context: the same model and 2048-token rows fail it.
+    from dstrain.audit.model_checks import context_findings
+
+    assert context_findings(saved, {"train": type("Blocks", (), {"block_size": 1024})()}, None) == []
+    [finding] = context_findings(saved, {"train": type("Blocks", (), {"block_size": 2048})()}, None)
+    assert "context is 1,024 positions (rope yarn)" in str(finding)
