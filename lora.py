@@ -27,7 +27,7 @@ from dstrain.model.adapters import apply_lora, quantization_config
 from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
 from dstrain.train.resume import apply_resume_plan, plan_resume
 from dstrain.train.run import start_run
-from dstrain.train.sequence_parallel import check_sequence_length, refuse_chat_rows
+from dstrain.train.sequence_parallel import check_chat_rows, check_sequence_length
 from dstrain.train.steps import train_save_evaluate
 
 ARGUMENTS = (ModelArguments, AdapterDataArguments, LoraArguments, TrainingArguments)
@@ -50,7 +50,7 @@ def main(model_args, data_args, lora_args, training_args) -> None:
     # ===== 2. data: chat conversations (as sft.py) or plain text blocks (as pretrain.py) =====
     if data_args.stage == "sft":
         require_chat_template(tokenizer, model_args.tokenizer_name)
-        refuse_chat_rows(training_args.sequence_parallel_size)
+        check_chat_rows(training_args.sequence_parallel_size, data_args.packing, data_args.max_length)
         data = sft_datasets(data_args, tokenizer, training_args.seed)
     else:
         block_size = choose_block_size(data_args.block_size, config, model_args.model_name_or_path,
@@ -64,7 +64,8 @@ def main(model_args, data_args, lora_args, training_args) -> None:
         configure_chat_generation(model, tokenizer)
     model = apply_lora(model, lora_args, training_args.activation_checkpointing)
     audit_before_training(data_args.stage, data, tokenizer, model, data_args, training_args)
-    collator = (sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
+    collator = (sft_collator(tokenizer, data_args.packing, model.config._attn_implementation,
+                             training_args.sequence_parallel_size, data_args.max_length)
                 if data_args.stage == "sft" else block_collator)
 
     # ===== 4. train, save the adapter (+ tokenizer, generation config), evaluate =====

@@ -29,7 +29,7 @@ from dstrain.errors import UserError
 from dstrain.model.loading import build_model, context_length, load_tokenizer, model_config_for
 from dstrain.train.resume import apply_resume_plan, plan_resume
 from dstrain.train.run import start_run
-from dstrain.train.sequence_parallel import refuse_chat_rows
+from dstrain.train.sequence_parallel import check_chat_rows
 from dstrain.train.steps import train_save_evaluate
 
 ARGUMENTS = (ModelArguments, ChatDataArguments, TrainingArguments)
@@ -43,7 +43,7 @@ def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args
     # ===== 1. tokenizer with its chat template, and the model config =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     require_chat_template(tokenizer, model_args.tokenizer_name)
-    refuse_chat_rows(training_args.sequence_parallel_size)  # --sequence_parallel_size: pretraining only, for now
+    check_chat_rows(training_args.sequence_parallel_size, data_args.packing, data_args.max_length)
     config = model_config_for(model_args, tokenizer)
     context = context_length(config)
     if context and data_args.max_length > context:
@@ -64,7 +64,8 @@ def main(model_args: ModelArguments, data_args: ChatDataArguments, training_args
     audit_before_training("sft", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save a plain HF folder (with the chat template), evaluate =====
-    collator = sft_collator(tokenizer, data_args.packing, model.config._attn_implementation)
+    collator = sft_collator(tokenizer, data_args.packing, model.config._attn_implementation,
+                             training_args.sequence_parallel_size, data_args.max_length)
     train_save_evaluate(run, model, tokenizer, data, collator, resume)
     finish()
 

@@ -91,6 +91,36 @@ def test_sequence_parallel_resumes_with_the_same_size_and_refuses_another(sp_run
         assert continued[step]["grad_norm"] == pytest.approx(full[step]["grad_norm"], abs=TOLERANCE), step
 
 
+def sft_flags(base_model, chat_file, output_dir, size):
+    return ["--deepspeed", REPO / "ds_configs/zero2.json", "--model_name_or_path", base_model,
+            "--train_files", chat_file, "--max_length", "128", "--packing", "true", "--drop_too_long", "true",
+            "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--max_steps", str(STEPS),
+            "--max_grad_norm", str(MAX_GRAD_NORM), "--logging_steps", "1", "--save_steps", "100",
+            "--report_to", "none", "--validation_split_percentage", "5", "--output_dir", output_dir,
+            "--data_cache_dir", output_dir.parent / "cache", "--gradient_checkpointing", "--seed", "3",
+            "--attn_implementation", "sdpa", "--sequence_parallel_size", str(size)]
+
+
+@pytest.mark.slow
+def test_packed_sft_with_sequence_parallelism_matches_one_rank(tmp_path, base_model, chat_file):
+    """Packed SFT rows (several conversations each, their attention kept apart by the position_ids) split
+    across 2 ranks, with activation checkpointing: the 1-rank run's losses and grad norms."""
+    runs = {}
+    for name, ranks, size in (("reference", 1, 1), ("split", 2, 2)):
+        result = run_deepspeed("sft.py", *sft_flags(base_model, chat_file, tmp_path / name, size), ranks=ranks)
+        assert_succeeded(result)
+        runs[name] = log_entries(tmp_path / name)
+    reference, split = runs["reference"], runs["split"]
+    assert sorted(reference) == sorted(split) == list(range(1, STEPS + 1))
+    for step in reference:
+        assert split[step]["loss"] == pytest.approx(reference[step]["loss"], abs=TOLERANCE), (step, reference, split)
+        assert split[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], abs=TOLERANCE), step
+    assert len({round(entry["loss"], 3) for entry in reference.values()}) == STEPS
+    # Evaluation is not split (DeepSpeed's disable_in_eval): each rank scores its own share of the validation
+    # rows, as in any 2-rank run, so its loss is averaged over other batches than the 1-rank run's.
+    assert "eval_loss" in json.loads((tmp_path / "split" / "eval_results.json").read_text())
+
+
 # ===== refusals, in-process =====
 
 def test_sequence_parallel_size_must_fit_the_launch(monkeypatch, tmp_path):
@@ -136,10 +166,48 @@ def test_gradient_share_follows_deepspeeds_reduction():
         sequence_parallel.gradient_share({"stage": 3, "reduce_scatter": False}, 2)
 
 
-def test_chat_data_is_refused():
-    sequence_parallel.refuse_chat_rows(1)
-    with pytest.raises(UserError, match="not supported with chat data yet"):
-        sequence_parallel.refuse_chat_rows(2)
+def test_chat_data_needs_packing_and_a_max_length_the_split_divides():
+    sequence_parallel.check_chat_rows(1, False, 127)  # without the flag, nothing to check
+    sequence_parallel.check_chat_rows(2, True, 128)
+    with pytest.raises(UserError, match="needs --packing"):
+        sequence_parallel.check_chat_rows(2, False, 128)
+    with pytest.raises(UserError, match="--max_length 127 is not divisible by --sequence_parallel_size 2"):
+        sequence_parallel.check_chat_rows(2, True, 127)
+
+
+def test_packed_rows_pad_to_a_multiple_of_the_split():
+    from dstrain.data.sft import IGNORE, PackedRowsCollator
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "position_ids": [0, 1, 2]},
+            {"input_ids": [8, 9], "labels": [IGNORE, 9], "position_ids": [0, 1]}]
+    batch = PackedRowsCollator(pad_token_id=0, pad_to_multiple_of=4)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]  # padding: a segment of its own
+    flat = PackedRowsCollator(pad_token_id=0, flatten=True, pad_to_multiple_of=4)(rows)
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert flat["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9, IGNORE, IGNORE, IGNORE]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+
+
+def test_packed_sdpa_keeps_conversations_apart_like_transformers():
+    """After Ulysses' all-to-all the mask is gone: the block-causal mask rebuilt from the position_ids gives
+    what transformers' own packed-row mask gives, and a row that does not restart stays plainly causal."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 1, False
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    ours, _ = sequence_parallel.packed_sdpa(module, query, key, value, None, position_ids=packed)
+    first, _ = sdpa_attention_forward(module, query[:, :, :3], key[:, :, :3], value[:, :, :3], None)
+    second, _ = sdpa_attention_forward(module, query[:, :, 3:], key[:, :, 3:], value[:, :, 3:], None)
+    torch.testing.assert_close(ours, torch.cat([first, second], dim=1))  # each conversation on its own
+    plain, _ = sequence_parallel.packed_sdpa(module, query, key, value, None, position_ids=torch.arange(6)[None])
+    causal, _ = sdpa_attention_forward(module, query, key, value, None)
+    torch.testing.assert_close(plain, causal)
+    assert not torch.allclose(ours, plain)
 
 
 # ===== context extension =====

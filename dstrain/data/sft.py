@@ -179,13 +179,23 @@ class PackedRowsCollator:
 
     pad_token_id: int = 0
     flatten: bool = False
+    # --sequence_parallel_size: every rank takes an equal slice of each row, and the SP ranks' batches are
+    # gathered together, which gloo allows only for equal shapes: rows are padded to `length` (max_length),
+    # a flattened row to a multiple of the size.
+    pad_to_multiple_of: int = 1
+    length: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict:
         if self.flatten:
-            batch = {key: torch.tensor([[v for row in rows for v in row[key]]])
-                     for key in ("input_ids", "labels", "position_ids")}
+            batch = {key: [v for row in rows for v in row[key]] for key in ("input_ids", "labels", "position_ids")}
+            n = -len(batch["input_ids"]) % self.pad_to_multiple_of
+            batch["input_ids"] += [self.pad_token_id] * n
+            batch["labels"] += [IGNORE] * n
+            batch["position_ids"] += list(range(n))
+            batch = {key: torch.tensor([values]) for key, values in batch.items()}
         else:
-            longest = max(len(row["input_ids"]) for row in rows)
+            longest = self.length or max(len(row["input_ids"]) for row in rows)
+            longest += -longest % self.pad_to_multiple_of
             gap = [longest - len(row["input_ids"]) for row in rows]
             batch = {
                 "input_ids": torch.tensor([row["input_ids"] + [self.pad_token_id] * n for row, n in zip(rows, gap)]),
@@ -199,10 +209,13 @@ class PackedRowsCollator:
         return batch
 
 
-def sft_collator(tokenizer, packing: bool, attn_implementation: str | None = None):
+def sft_collator(tokenizer, packing: bool, attn_implementation: str | None = None, sequence_parallel_size: int = 1,
+                 max_length: int | None = None):
     if packing:
         flash = "flash" in (attn_implementation or "")
-        return PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, flatten=flash)
+        split = sequence_parallel_size > 1
+        return PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, flatten=flash,
+                                  pad_to_multiple_of=sequence_parallel_size, length=max_length if split else None)
     # Dynamic padding to the longest conversation of the batch, never to max_length.
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
 

@@ -74,14 +74,38 @@ def check_sequence_length(length: int, size: int, flag: str) -> None:
                         "equal slice of every sequence")
 
 
-def refuse_chat_rows(size: int) -> None:
-    """SFT under Ulysses is not offered yet: Ulysses drops the attention mask and runs sdpa causal over the
-    whole row, so conversations packed into one row would attend to each other (and padded rows would need
-    padding to a multiple of the size). The flash kernels keep them apart through the position_ids, but
-    need a GPU, which this was not built or tested on."""
-    if size > 1:
-        raise UserError("--sequence_parallel_size is not supported with chat data yet (Ulysses drops the mask that "
-                        "keeps packed conversations apart on sdpa); use it with pretrain.py or lora.py --stage pretrain")
+def check_chat_rows(size: int, packing: bool, max_length: int) -> None:
+    """Chat data under Ulysses: packed rows (each conversation marked by restarting position_ids, which
+    is what lets attention keep them apart after the all-to-all: `packed_sdpa`), and a --max_length the
+    split divides (rows are padded to a multiple of the size, and must stay within it)."""
+    if size <= 1:
+        return
+    if not packing:
+        raise UserError("--sequence_parallel_size with chat data needs --packing (rows carrying each "
+                        "conversation's position_ids, which keep conversations apart once a row is split)")
+    check_sequence_length(max_length, size, "--max_length")
+
+
+def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """transformers' sdpa attention, with the mask of packed rows rebuilt from the position_ids.
+
+    Ulysses drops the attention mask (it was built for one rank's slice) and, for sdpa, attends causally
+    over the whole row, so conversations packed into one row would see each other. After the all-to-all
+    it passes the whole row's position_ids; where they restart, this builds the block-causal mask that
+    transformers builds without SP (`find_packed_sequence_indices`: a new segment wherever a position is
+    not its predecessor + 1). The mask costs O(length^2) memory per row: on GPUs flash attention keeps
+    packed conversations apart from the position_ids alone, without one. Rows that do not restart
+    (pretraining blocks) keep sdpa's causal kernel and no mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    if attention_mask is None and position_ids is not None and position_ids.shape[-1] == query.shape[-2]:
+        segments = find_packed_sequence_indices(position_ids)
+        if segments is not None:
+            length = segments.shape[-1]
+            causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+            attention_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
 
 
 def prepare_model(args, model) -> None:
@@ -89,6 +113,10 @@ def prepare_model(args, model) -> None:
     model and the ZeRO configuration."""
     kernel = check_model(model, args.sequence_parallel_size)
     args.parallelism_config.sp_handler.sp_attn_implementation = kernel
+    if kernel == "sdpa":  # Ulysses wraps whatever is registered under the name when the Trainer prepares the model
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = packed_sdpa
     deepspeed = getattr(args, "hf_deepspeed_config", None)
     if deepspeed is not None:  # refuse a ZeRO set-up of unknown gradient scale now, not at the first step
         gradient_share(deepspeed.config.get("zero_optimization", {}), args.sequence_parallel_size)
