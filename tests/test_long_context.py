@@ -23,8 +23,8 @@ def sp_flags(base_model, corpus, output_dir, cache_dir, **overrides):
     """Continued pretraining of the session's tiny model (so ZeRO-2 and ZeRO-3, which draw a new model's
     random weights differently, start from the same weights); block 64 = 2 x 32 tokens per rank; its
     4 heads and 2 key/value heads split by 2."""
-    flags = train_flags(base_model, corpus, output_dir, cache_dir, max_steps=STEPS, save_steps=SAVE_AT,
-                        max_grad_norm=MAX_GRAD_NORM, attn_implementation="sdpa", **overrides)
+    flags = train_flags(base_model, corpus, output_dir, cache_dir, **({"max_steps": STEPS, "save_steps": SAVE_AT,
+                        "max_grad_norm": MAX_GRAD_NORM, "attn_implementation": "sdpa"} | overrides))
     at = flags.index("--config_name")
     return flags[:at] + ["--model_name_or_path", str(base_model)] + flags[at + 2:]
 
@@ -119,6 +119,28 @@ def test_packed_sft_with_sequence_parallelism_matches_one_rank(tmp_path, base_mo
     # Evaluation is not split (DeepSpeed's disable_in_eval): each rank scores its own share of the validation
     # rows, as in any 2-rank run, so its loss is averaged over other batches than the 1-rank run's.
     assert "eval_loss" in json.loads((tmp_path / "split" / "eval_results.json").read_text())
+
+
+@pytest.mark.slow
+def test_lora_with_sequence_parallelism_matches_one_rank(tmp_path, base_model, docs_corpus, cache_dir):
+    """LoRA adapters over the frozen tiny model (PEFT wraps it; Ulysses must still find its attention),
+    continued pretraining on blocks split across 2 ranks: the 1-rank run's losses and grad norms."""
+    runs = {}
+    for name, ranks, size in (("reference", 1, 1), ("split", 2, 2)):
+        flags = sp_flags(base_model, docs_corpus, tmp_path / name, cache_dir, sequence_parallel_size=size,
+                         max_grad_norm=0.18, save_steps=100, validation_split_percentage=0)
+        result = run_deepspeed("lora.py", "--deepspeed", REPO / "ds_configs/zero2.json", *flags, "--stage", "pretrain",
+                               "--lora_r", "8", "--lora_dropout", "0", ranks=ranks)
+        assert_succeeded(result)
+        runs[name] = log_entries(tmp_path / name)
+    reference, split = runs["reference"], runs["split"]
+    assert sorted(reference) == sorted(split) == list(range(1, STEPS + 1))
+    for step in reference:
+        assert split[step]["loss"] == pytest.approx(reference[step]["loss"], abs=TOLERANCE), (step, reference, split)
+        assert split[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], abs=TOLERANCE), step
+    norms = [entry["grad_norm"] for entry in reference.values()]
+    assert min(norms) < 0.18 < max(norms), norms  # clipping acted on some steps, not all
+    assert (tmp_path / "split" / "adapter_model.safetensors").is_file()
 
 
 # ===== refusals, in-process =====
@@ -262,6 +284,6 @@ def test_continued_pretraining_at_an_extended_context(base_model, docs_corpus, c
     # The audit compares rows with the extended context: the same model and 2048-token rows fail it.
     from dstrain.audit.model_checks import context_findings
 
-    assert context_findings(saved, {"train": type("Blocks", (), {"block_size": 1024})()}, None) == []
-    [finding] = context_findings(saved, {"train": type("Blocks", (), {"block_size": 2048})()}, None)
+    assert context_findings(saved, {"train": type("Blocks", (), {"block_size": 1024})()}) == []
+    [finding] = context_findings(saved, {"train": type("Blocks", (), {"block_size": 2048})()})
     assert "context is 1,024 positions (rope yarn)" in str(finding)

@@ -49,7 +49,7 @@ def audit(stage: str, data, tokenizer, config=None, generation_config=None, mode
     end_of_turn = closing_token(tokenizer) if checks.chat else None
     findings = template_findings(tokenizer, end_of_turn, generation_config) if checks.chat else []
     findings += model_findings(tokenizer, config, generation_config, model)
-    findings += context_findings(config, data, max_length)
+    findings += context_findings(config, data)
     rows = embedding_rows(model, config)
 
     def audit_splits() -> dict[str, SplitAudit]:

@@ -112,14 +112,15 @@ def planned_generation_config(model_dir: str | None, config, tokenizer, chat: bo
     return generation_config
 
 
-def context_findings(config, data, max_length: int | None) -> list[Finding]:
-    """Check 3, the context: a training row longer than the model's positions (its max_position_embeddings,
-    after any --rope_scaling/--max_position_embeddings extension) would train positions it has no RoPE
-    range for. Rows are at most --max_length tokens (chat, pairs) or exactly one block (pretraining)."""
+def context_findings(config, data) -> list[Finding]:
+    """Check 3, the context: pretraining blocks longer than the model's positions (its
+    max_position_embeddings, after any --rope_scaling/--max_position_embeddings extension) would train
+    positions it has no RoPE range for. Chat rows are checked against --max_length where they are built
+    (sft.py refuses a --max_length over the context)."""
     context = getattr(config, "max_position_embeddings", None) if config is not None else None
-    longest = max_length or max((getattr(split, "block_size", 0) or 0 for split in data.values()), default=0)
+    longest = max((getattr(split, "block_size", 0) or 0 for split in data.values()), default=0)
     if not context or longest <= context:
         return []
     scaling = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    return [Finding(3, f"rows of up to {longest:,} tokens but the model's context is {context:,} positions "
-                       f"(rope {scaling})", "extend it (--rope_scaling, --max_position_embeddings) or shorten the rows")]
+    return [Finding(3, f"blocks of {longest:,} tokens but the model's context is {context:,} positions "
+                       f"(rope {scaling})", "extend it (--rope_scaling, --max_position_embeddings) or lower --block_size")]
