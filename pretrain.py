@@ -13,6 +13,8 @@ Many nodes: the same arguments through launch/ (hostfile, no-ssh, SLURM).
 Two CPU ranks, no GPU (tests, laptops): deepspeed --num_gpus 2 pretrain.py ...
 Continued pretraining: --model_name_or_path out/pt instead of --tokenizer_name/--config_name.
 Resume after a crash: add --resume_from_checkpoint last.
+Long sequences: --sequence_parallel_size N splits each across N ranks; --rope_scaling yarn:4 extends a
+trained model's context (README, "Long context").
 """
 
 from transformers import set_seed
@@ -41,8 +43,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     # ===== 1. tokenizer, and the model config it implies =====
     tokenizer = load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code)
     config = model_config_for(model_args, tokenizer)
-    block_size = choose_block_size(data_args.block_size, config, model_args.config_name or model_args.model_name_or_path,
-                                   follow_context=model_args.extends_context())
+    block_size = choose_block_size(data_args.block_size, config,
+                                   model_args.config_name or model_args.model_name_or_path,
+                                   follow_context=model_args.extends_context())  # --rope_scaling: the new context
     check_sequence_length(block_size, training_args.sequence_parallel_size, "--block_size")  # --sequence_parallel_size
 
     # ===== 2. data: tokenized once (first process per node), packed into blocks =====

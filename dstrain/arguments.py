@@ -305,7 +305,7 @@ class TrainingArguments(transformers.TrainingArguments):
         default=1, metadata={"help": "Split each sequence across this many ranks (DeepSpeed Ulysses: attention heads "
                                      "exchanged by all-to-all); data parallel over the remaining ranks. Needs "
                                      "--deepspeed, a world size it divides, and sequence lengths and attention heads "
-                                     "it divides (pretrain.py, lora.py --stage pretrain; packed SFT on flash attention)."}
+                                     "it divides (pretrain.py, lora.py; sft.py with --packing)."}
     )
     # Elastic resume (dstrain/train/elastic.py)
     keep_global_batch_size: bool = field(

@@ -30,7 +30,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dstrain.audit.findings import Audit, Finding, SplitAudit
-from dstrain.audit.model_checks import context_findings, embedding_rows, model_findings, planned_generation_config, template_findings
+from dstrain.audit.model_checks import (context_findings, embedding_rows, model_findings, planned_generation_config,
+                                         template_findings)
 from dstrain.audit.splits import STAGES, AuditContext
 from dstrain.data.cache import cache_key
 from dstrain.data.chat_template import closing_token

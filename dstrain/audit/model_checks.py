@@ -122,5 +122,6 @@ def context_findings(config, data) -> list[Finding]:
     if not context or longest <= context:
         return []
     scaling = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    return [Finding(3, f"blocks of {longest:,} tokens but the model's context is {context:,} positions "
-                       f"(rope {scaling})", "extend it (--rope_scaling, --max_position_embeddings) or lower --block_size")]
+    problem = f"blocks of {longest:,} tokens but the model's context is {context:,} positions (rope {scaling})"
+    return [Finding(3, problem,
+                    "extend it (--rope_scaling, --max_position_embeddings) or lower --block_size")]

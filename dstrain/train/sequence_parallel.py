@@ -4,12 +4,15 @@ attention exchanges heads for sequence by all-to-all (DeepSpeed Ulysses); data p
 The libraries do the work: accelerate's `ParallelismConfig(sp_backend="deepspeed")` (built from the flag
 in `TrainingArguments`) makes HF's Trainer register DeepSpeed's `UlyssesSPAttentionHF` in place of the
 model's attention kernel and wrap the training DataLoader in `UlyssesSPDataLoaderAdapter`, which hands
-every rank of an SP group its slice of the same batch. What is here is what they lack:
-- the checks that give one line instead of an assertion deep in a forward pass (heads, sequence
-  length, attention kernel);
+every rank of an SP group its slice of the same batch. What is here is what they lack (transformers
+5.23, accelerate 1.15, DeepSpeed 0.19.8), each checked on 2 CPU ranks against a 1-rank run:
+- the checks that give one line instead of an assertion deep in a forward pass (world size, heads,
+  sequence length, attention kernel, chat data, ZeRO-3 without reduce-scatter);
 - `position_ids` in every batch, which the adapter requires and our pretraining collator has no
   other reason to make;
-- `SequenceParallelTrainer.compute_loss`, two fixes of transformers 5.23's SP loss (see there).
+- `packed_sdpa`: packed rows' block-causal mask, which Ulysses drops, rebuilt after the all-to-all;
+- `SequenceParallelTrainer`: contiguous batches and the gradient scale of transformers' SP loss
+  (`gradient_share`), and skipping micro-batches on a mid-epoch resume (`skip_micro_batches`).
 """
 
 import torch

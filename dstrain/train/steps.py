@@ -7,13 +7,12 @@ from transformers import Trainer
 
 from dstrain.distributed import is_main_process, print0
 from dstrain.errors import UserError
-from dstrain.train import provenance
+from dstrain.train import provenance, sequence_parallel
 from dstrain.train.checkpoints import check_free_space, checkpoint_bytes_estimate, wait_for_every_rank_to_save
 from dstrain.train.faults import LOSS_SCALE_AT_MINIMUM, NonFiniteGuard, NumericalHealthCallback, install_faults
 from dstrain.train.monitoring import add_monitoring
 from dstrain.train.preemption import PreemptionCallback
 from dstrain.train.resume import ResumePlan
-from dstrain.train import sequence_parallel
 from dstrain.train.run import Run
 from dstrain.train.spikes import SpikeRollback
 
@@ -24,7 +23,8 @@ def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume:
     trainer_class = Trainer
     if run.args.sequence_parallel_size > 1:  # DeepSpeed Ulysses: dstrain/train/sequence_parallel.py
         sequence_parallel.prepare_model(run.args, model)
-        trainer_class, data_collator = sequence_parallel.SequenceParallelTrainer, sequence_parallel.WithPositionIds(data_collator)
+        trainer_class = sequence_parallel.SequenceParallelTrainer
+        data_collator = sequence_parallel.WithPositionIds(data_collator)
     trainer = trainer_class(
         model=model,
         args=run.args,
