@@ -4,6 +4,7 @@ CPU ranks; its refusals; and context extension (--rope_scaling, --max_position_e
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -12,6 +13,7 @@ from dstrain.arguments import ModelArguments, RewardTrainingArguments, TrainingA
 from dstrain.errors import UserError
 from dstrain.model.loading import choose_block_size, model_config_for
 from dstrain.train import sequence_parallel
+from dstrain.train.resume import plan_resume
 from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process, train_flags
 
 STEPS, SAVE_AT = 6, 3
@@ -81,6 +83,10 @@ def test_sequence_parallel_resumes_with_the_same_size_and_refuses_another(sp_run
     flags = sp_flags(base_model, docs_corpus, chain, cache_dir)
     refused = run_main_in_process("pretrain.py", *flags, "--resume_from_checkpoint", "last")  # size 1, one process
     assert_clean_error(refused, f"checkpoint-{SAVE_AT} was trained with --sequence_parallel_size 2", "asks for 1")
+    elsewhere = SimpleNamespace(resume_from_checkpoint=str(chain / f"checkpoint-{SAVE_AT}"), output_dir=str(chain),
+                                deepspeed="zero2.json", world_size=4, sequence_parallel_size=2)
+    with pytest.raises(UserError, match="written by 2 ranks; this run has 4. Resuming on another number of ranks"):
+        plan_resume(elsewhere)  # what 4 ranks would decide: refused, not converted for another world size
     resumed = run_deepspeed("pretrain.py", "--deepspeed", REPO / "ds_configs/zero2.json", *flags,
                             "--sequence_parallel_size", "2", "--resume_from_checkpoint", "last")
     assert_succeeded(resumed)

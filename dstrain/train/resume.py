@@ -37,6 +37,11 @@ def plan_resume(args) -> ResumePlan:
     saved = saved_topology(checkpoint)
     if saved is None or saved.world_size == args.world_size:
         return ResumePlan(checkpoint)
+    if getattr(args, "sequence_parallel_size", 1) > 1:
+        # The universal-checkpoint path keeps the global batch by world size; under SP it is per SP group.
+        raise UserError(f"{checkpoint} was written by {saved.world_size} ranks; this run has {args.world_size}. "
+                        "Resuming on another number of ranks is not supported with --sequence_parallel_size: "
+                        f"launch {saved.world_size} ranks")
     print0(f"{Path(checkpoint).name} was written by {saved.world_size} ranks; this run has {args.world_size}: "
            "resuming from a universal checkpoint")
     if not args.keep_global_batch_size:
