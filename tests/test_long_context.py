@@ -3,10 +3,12 @@ CPU ranks; its refusals; and context extension (--rope_scaling, --max_position_e
 
 import json
 import shutil
+from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dstrain.arguments import ModelArguments, RewardTrainingArguments, TrainingArguments
@@ -149,6 +151,23 @@ def test_lora_with_sequence_parallelism_matches_one_rank(tmp_path, base_model, d
     assert (tmp_path / "split" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or find_spec("flash_attn") is None,
+                    reason="flash attention and bf16 need 2 CUDA GPUs and flash-attn (run on the GPU machine)")
+def test_packed_sft_on_flash_attention_matches_one_gpu(tmp_path, base_model, chat_file):
+    """The GPU path: flash attention keeps packed conversations apart from the position_ids alone (rows
+    flattened into one, padded to a multiple of the split), in bf16, so the tolerance is bf16's."""
+    runs = {}
+    for name, ranks, size in (("reference", 1, 1), ("split", 2, 2)):
+        flags = sft_flags(base_model, chat_file, tmp_path / name, size)
+        flags[flags.index("sdpa")] = "flash_attention_2"
+        result = run_deepspeed("sft.py", *flags, "--bf16", ranks=ranks)
+        assert_succeeded(result)
+        runs[name] = log_entries(tmp_path / name)
+    for step in runs["reference"]:
+        assert runs["split"][step]["loss"] == pytest.approx(runs["reference"][step]["loss"], abs=2e-2), step
+
+
 # ===== refusals, in-process =====
 
 def test_sequence_parallel_size_must_fit_the_launch(monkeypatch, tmp_path):
@@ -220,7 +239,6 @@ def test_packed_rows_pad_to_a_multiple_of_the_split():
 def test_packed_sdpa_keeps_conversations_apart_like_transformers():
     """After Ulysses' all-to-all the mask is gone: the block-causal mask rebuilt from the position_ids gives
     what transformers' own packed-row mask gives, and a row that does not restart stays plainly causal."""
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     torch.manual_seed(0)
