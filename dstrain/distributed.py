@@ -166,7 +166,7 @@ def _raise_if_failed_in_this_run(error: Path, what: str) -> None:
     except FileNotFoundError:
         return
     if failed_at >= psutil.Process().create_time():
-        raise UserError(f"{what}: the build failed on another process: {error.read_text().strip()}")
+        raise _failed_elsewhere(error, what)
 
 
 def _wait_for(target: Path, lock: Path, error: Path, what: str) -> None:
@@ -181,7 +181,11 @@ def _wait_for(target: Path, lock: Path, error: Path, what: str) -> None:
                             f"{idle:.0f} s); delete it and start again")
         time.sleep(1)
     if not target.exists() and error.exists():
-        raise UserError(f"{what}: the build failed on another process: {error.read_text().strip()}")
+        raise _failed_elsewhere(error, what)
+
+
+def _failed_elsewhere(error: Path, what: str) -> UserError:
+    return UserError(f"{what}: the build failed on another process: {error.read_text().strip()}")
 
 
 def _lock_owner(lock: Path) -> str:
