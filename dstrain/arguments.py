@@ -57,6 +57,15 @@ class ModelArguments:
         default=None, metadata={"help": "The model's new context in tokens; --block_size then defaults to it."}
     )
 
+    # Image-text models (AutoModelForImageTextToText, dstrain/model/image_text.py): sft.py and lora.py
+    freeze_vision_tower: bool = field(
+        default=False, metadata={"help": "Image-text models: do not train the vision tower (the image encoder)."}
+    )
+    freeze_projector: bool = field(
+        default=False, metadata={"help": "Image-text models: do not train the projector from image features to the "
+                                         "language model's embeddings."}
+    )
+
     def extends_context(self) -> bool:
         return bool(self.rope_scaling or self.max_position_embeddings)
 

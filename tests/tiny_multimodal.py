@@ -37,7 +37,7 @@ def build_tiny_llava(tokenizer_dir: Path, output_dir: Path, seed: int = 0) -> Pa
         num_additional_image_tokens=1, chat_template=IMAGE_CHATML_TEMPLATE)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
@@ -59,3 +59,36 @@ def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] =
     pixels = np.clip(np.array(color)[None, None, :] + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
     Image.fromarray(pixels.astype(np.uint8)).save(path)
     return Path(path)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+QUESTION = "What colour is this?"
+
+
+def reply(colour: str) -> str:
+    return f"It is {colour}."
+
+
+def write_image_chats(folder: Path, copies: int = 4) -> Path:
+    """Conversations asking the colour of a generated image, in both layouts (content parts and `<image>`
+    placeholders with "images"), image paths relative to the data file; plus one text-only conversation."""
+    import json
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for copy in range(copies):
+        for colour, rgb in COLOURS.items():
+            image = write_image(folder / "images" / f"{colour}{copy}.png", rgb, seed=copy)
+            relative = str(image.relative_to(folder))
+            if copy % 2:
+                lines.append({"messages": [{"role": "user", "content": f"<image>\n{QUESTION}"},
+                                           {"role": "assistant", "content": reply(colour)}], "images": [relative]})
+            else:
+                lines.append({"messages": [
+                    {"role": "user", "content": [{"type": "image", "path": relative},
+                                                 {"type": "text", "text": f"\n{QUESTION}"}]},
+                    {"role": "assistant", "content": reply(colour)}]})
+    lines.append({"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]})
+    path = folder / "image_chats.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

@@ -12,7 +12,9 @@ config and embedding:
 4. packed rows: position ids restart at every conversation, no trained label crosses into it;
 5. pretraining blocks: an eos between documents; the share of tokens block packing leaves out;
 6. reward/DPO pairs: chosen and rejected differ, share the prompt tokens, end their turn, fit;
-7. a summary per split: samples, tokens, trained share, truncated and dropped, length histogram.
+7. a summary per split: samples, tokens, trained share, truncated and dropped, length histogram;
+8. image-text conversations: each row's image tokens are its images' (placeholders agree, no cut image),
+   none trained; images and tokens per image in the summary (images.py).
 Every problem comes with a count and the first offending records by file:line.
 
 The checks over the splits read the data once per filesystem (the first process runs them, every
@@ -30,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dstrain.audit.findings import Audit, Finding, SplitAudit
+from dstrain.audit.images import has_images, image_findings
 from dstrain.audit.model_checks import (context_findings, embedding_rows, model_findings, planned_generation_config,
                                          template_findings)
 from dstrain.audit.splits import STAGES, AuditContext
@@ -47,6 +50,8 @@ def audit(stage: str, data, tokenizer, config=None, generation_config=None, mode
     if stage not in STAGES:
         raise UserError(f"the data audit knows no stage '{stage}' (known: {', '.join(STAGES)})")
     checks = STAGES[stage]
+    if config is not None and hasattr(config, "get_text_config"):  # an image-text model: its language model's
+        config = config.get_text_config()
     end_of_turn = closing_token(tokenizer) if checks.chat else None
     findings = template_findings(tokenizer, end_of_turn, generation_config) if checks.chat else []
     findings += model_findings(tokenizer, config, generation_config, model)
@@ -55,9 +60,15 @@ def audit(stage: str, data, tokenizer, config=None, generation_config=None, mode
 
     def audit_splits() -> dict[str, SplitAudit]:
         report = getattr(data, "report", {})
-        return {name: checks.audit_split(name, dataset, AuditContext(tokenizer, report.get(name, {}), end_of_turn, rows,
-                                                                     max_length, drop_too_long))
-                for name, dataset in data.items()}
+        results = {name: checks.audit_split(name, dataset, AuditContext(tokenizer, report.get(name, {}), end_of_turn,
+                                                                        rows, max_length, drop_too_long))
+                   for name, dataset in data.items()}
+        for name, dataset in data.items():  # image-text conversations: their image tokens (dstrain/audit/images.py)
+            if checks.chat and has_images(dataset):
+                found, summary = image_findings(name, dataset, report.get(name, {}))
+                results[name].findings.extend(found)
+                results[name].summary.update(summary)
+        return results
 
     folder = getattr(data, "folder", None)
     if folder is None:  # splits made by hand (tests), not read from the cache

@@ -72,6 +72,11 @@ class Audit:
         for name, summary in self.splits.items():
             histogram = " | ".join(f"<={bound} {count:,}" for bound, count in summary["lengths"].items())
             lines.append(f"  lengths ({name}, tokens per sample): {histogram or '-'}")
+            if summary.get("images") is not None:
+                per_image = (f", {summary['tokens_per_image_min']}-{summary['tokens_per_image_max']} tokens per image"
+                             if summary["images"] else "")
+                lines.append(f"  images ({name}): {summary['images']:,}, {summary['image_tokens']:,} image tokens"
+                             f"{per_image}")
             if summary.get("sources"):
                 lines.append(f"  sources ({name}): " + " | ".join(
                     f"{source['name']} planned {source['planned']:.1%}, achieved {source['achieved']:.1%}, "

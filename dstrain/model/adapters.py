@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from dstrain.distributed import print0
 from dstrain.errors import UserError
+from dstrain.model.image_text import is_image_text, language_model_targets
 
 
 def linear_layer_names(model) -> list[str]:
@@ -31,14 +32,15 @@ def linear_layer_names(model) -> list[str]:
 def target_modules(model, requested: str) -> str | list[str]:
     """`all-linear`, or a comma list checked against the model's own linear layers."""
     if requested.strip() == "all-linear":
-        return "all-linear"
+        return language_model_targets(model, "all-linear") if is_image_text(model.config) else "all-linear"
     wanted = [name.strip() for name in requested.split(",") if name.strip()]
     known = linear_layer_names(model)
     unknown = [name for name in wanted if name not in known]
     if unknown or not wanted:
         raise UserError(f"--lora_target_modules: {', '.join(unknown) or 'nothing given'} is not a linear layer of "
                         f"this model; its linear layers are: {', '.join(known)} (or use all-linear)")
-    return wanted
+    # An image-text model's vision tower has layers of the same names: adapters go on the language model only.
+    return language_model_targets(model, wanted) if is_image_text(model.config) else wanted
 
 
 def lora_config(model, lora_args, task_type: str = "CAUSAL_LM") -> LoraConfig:

@@ -33,12 +33,15 @@ def model_config_for(model_args, tokenizer):
         config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                             trust_remote_code=model_args.trust_remote_code)
         where = f"--model_name_or_path {model_args.model_name_or_path}"
-    check_model_tokenizer_pair(config, tokenizer, f"{where} with tokenizer {model_args.tokenizer_name}")
+    # An image-text model's vocabulary and special ids are its language model's (LlavaConfig.text_config).
+    check_model_tokenizer_pair(config.get_text_config(), tokenizer,
+                               f"{where} with tokenizer {model_args.tokenizer_name}")
     extend_context(config, model_args.rope_scaling, model_args.max_position_embeddings)
     return config
 
 
 def context_length(config) -> int | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 

@@ -17,9 +17,11 @@ from dstrain.train.run import Run
 from dstrain.train.spikes import SpikeRollback
 
 
-def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume: ResumePlan) -> Trainer:
+def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume: ResumePlan,
+                        processor=None) -> Trainer:
     """Every stage's last steps: Trainer, train (resuming if planned), save a plain HF folder with the
-    tokenizer, then loss and perplexity on the validation split if there is one."""
+    tokenizer (an image-text model's whole `processor` when given), then loss and perplexity on the
+    validation split if there is one."""
     trainer_class = Trainer
     if run.args.sequence_parallel_size > 1:  # DeepSpeed Ulysses: dstrain/train/sequence_parallel.py
         sequence_parallel.prepare_model(run.args, model)
@@ -33,13 +35,13 @@ def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume:
         data_collator=data_collator,
         processing_class=tokenizer,
     )
-    train_and_save(run, trainer, tokenizer, resume)
+    train_and_save(run, trainer, tokenizer, resume, processor)
     if "validation" in data:
         evaluate_and_record(trainer, perplexity=True)
     return trainer
 
 
-def train_and_save(run: Run, trainer, tokenizer, resume: ResumePlan) -> None:
+def train_and_save(run: Run, trainer, tokenizer, resume: ResumePlan, processor=None) -> None:
     # Monitoring: tokens/s, MFU, memory, eval perplexity and sample generations in every log entry.
     add_monitoring(trainer, run.logged_arguments)
     if run.eval_tasks is not None:  # --eval_tasks: benchmark scores beside eval_loss at every evaluation
@@ -91,7 +93,7 @@ def train_and_save(run: Run, trainer, tokenizer, resume: ResumePlan) -> None:
     # one plain HF folder that loads without DeepSpeed.
     trainer.save_model()
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(trainer.args.output_dir)
+        (processor or tokenizer).save_pretrained(trainer.args.output_dir)
         provenance.write(trainer.args.output_dir, record, trainer.state.global_step)
         # A PEFT adapter folder holds no generation config; export.py gives the merged model these stop tokens.
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else None
