@@ -10,7 +10,7 @@ from tests.helpers import REPO
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.json"))
 SCRIPTS = {  # by the config's name prefix: the script that reads it (its ARGUMENTS are what it parses)
     "pretrain": "pretrain.py", "sft": "sft.py", "full": "sft.py", "lora": "lora.py", "qlora": "lora.py",
-    "reward": "reward.py", "dpo": "dpo.py", "grpo": "grpo.py",
+    "reward": "reward.py", "dpo": "dpo.py", "grpo": "grpo.py", "multimodal": "sft.py",
 }
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
