@@ -104,9 +104,11 @@ class StopWhenSet(StoppingCriteria):
 @torch.inference_mode()
 def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: Sampling, stop_ids: list[int],
                    max_new_tokens: list[int] | None = None, adapter_names: list[str] | None = None,
-                   streamer=None, cancel: threading.Event | None = None) -> list[Completion]:
+                   streamer=None, cancel: threading.Event | None = None, images: list[list] | None = None
+                   ) -> list[Completion]:
     """One `generate` call for all prompts (left padded). Each row may have its own max_new_tokens
-    and, over a PeftModel, its own adapter (PEFT's mixed-adapter batches; BASE_ADAPTER for none)."""
+    and, over a PeftModel, its own adapter (PEFT's mixed-adapter batches; BASE_ADAPTER for none); for an
+    image-text model, its own images (PIL, in the order of its image tokens: dstrain/infer/images.py)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     limits = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
     pad_id = tokenizer.pad_token_id  # eos where the tokenizer has none (load_inference_model)
@@ -119,6 +121,10 @@ def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: S
         extra["stopping_criteria"] = StoppingCriteriaList([StopWhenSet(cancel)])
     if sampling.ignore_eos:
         extra["min_new_tokens"] = max(limits)
+    if images and any(images):
+        from dstrain.infer.images import pixel_inputs  # noqa: PLC0415 - image-text models only
+
+        extra |= pixel_inputs(loaded, images)
     if sampling.stop:  # end each row at its stop string rather than at max_new_tokens
         extra |= {"stop_strings": list(sampling.stop), "tokenizer": tokenizer}
     output = model.generate(**padded, max_new_tokens=max(limits), eos_token_id=stop_ids, pad_token_id=pad_id,
@@ -138,10 +144,10 @@ def generate_batch(loaded: InferenceModel, prompts: list[list[int]], sampling: S
 
 
 def generate_one(loaded: InferenceModel, prompt: list[int], sampling: Sampling, chat: bool, streamer=None,
-                 adapter: str | None = None) -> Completion:
+                 adapter: str | None = None, images: list | None = None) -> Completion:
     adapter_names = [adapter] if adapter else None
     return generate_batch(loaded, [prompt], sampling, stop_token_ids(loaded.model, loaded.tokenizer, chat),
-                          adapter_names=adapter_names, streamer=streamer)[0]
+                          adapter_names=adapter_names, streamer=streamer, images=[images] if images else None)[0]
 
 
 def fit_to_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> str | None:

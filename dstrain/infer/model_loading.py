@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
 from dstrain.errors import UserError
 from dstrain.model.adapters import adapter_base, is_adapter_folder
+from dstrain.model.image_text import is_image_text, load_processor, model_class
 from dstrain.model.loading import context_length, load_tokenizer
 
 
@@ -23,6 +24,7 @@ class InferenceModel:
     adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> folder
     context: int | None = None
     main_adapter: str | None = None  # the adapter --model named, when it was an adapter folder
+    processor: object = None  # an image-text model's processor (images at inference: dstrain/infer/images.py)
 
     @property
     def has_adapters(self) -> bool:
@@ -76,14 +78,17 @@ def load_inference_model(model_dir: str, base: str | None = None, adapters: dict
     # The base is loaded here, not by AutoPeftModelForCausalLM, so that the --lora adapters share it and a
     # broken base and a broken adapter each keep their own error message.
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, dtype=dtype)
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+        # an image-text model (AutoModelForImageTextToText) with its processor, or a causal LM
+        model = model_class(config).from_pretrained(base, trust_remote_code=trust_remote_code, dtype=dtype)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load a model from {base}: {str(error).splitlines()[0]}") from None
+    processor = load_processor(tokenizer_dir, trust_remote_code) if is_image_text(config) else None
     if is_adapter_folder(model_dir) and (Path(model_dir) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)  # lora.py's chat stop tokens
     model = _attach_adapters(model, adapters)
     model.to(target).eval()
-    return InferenceModel(model, tokenizer, adapters, context_length(model.config), main_adapter)
+    return InferenceModel(model, tokenizer, adapters, context_length(model.config), main_adapter, processor)
 
 
 def release(loaded: InferenceModel) -> None:
