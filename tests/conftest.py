@@ -52,6 +52,22 @@ def chat_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def image_text_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random LLaVA-style model (CLIP vision + Llama text) with its processor, built from a config."""
+    from tests.tiny_multimodal import build_tiny_llava
+
+    return build_tiny_llava(tokenizer_dir, tmp_path_factory.mktemp("llava") / "model")
+
+
+@pytest.fixture(scope="session")
+def image_chats(tmp_path_factory) -> Path:
+    """13 conversations about generated images (both record layouts, relative paths) and one text-only."""
+    from tests.tiny_multimodal import write_image_chats
+
+    return write_image_chats(tmp_path_factory.mktemp("image_chats"))
+
+
 # The uninterrupted 2-rank pretraining runs (train_flags: 12 steps, a checkpoint every 4) that the
 # pretraining, resume and elastic-resume tests all compare against: run once per session.
 @pytest.fixture(scope="session")
