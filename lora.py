@@ -10,7 +10,8 @@ Every argument in one file: deepspeed lora.py configs/lora_sft.json
 Fold the adapter into a plain model afterwards: python export.py --adapter out/lora --output_dir out/merged
 
 Image-text models (LLaVA-style): adapters on the language model only, the vision tower and projector frozen
-(records with images: dstrain/data/multimodal.py). Chat data, masks, length policy and packing are sft.py's (dstrain/data/sft.py). The output folder
+(records with images: dstrain/data/multimodal.py).
+Chat data, masks, length policy and packing are sft.py's (dstrain/data/sft.py). The output folder
 is a standard PEFT adapter (adapter_config.json, adapter_model.safetensors) with the tokenizer.
 """
 

@@ -35,7 +35,7 @@ def stage_data(stage: str, model_args, data_args, seed: int) -> tuple[object, ob
         require_chat_template(tokenizer, model_args.tokenizer_name)
     if stage == "preference":
         return tokenizer, config, preference_datasets(data_args, tokenizer, seed)
-    if stage == "sft":  # image-text models' conversations carry images (dstrain/model/image_text.py)
+    if stage == "sft":  # an image-text model's conversations carry images (dstrain/model/image_text.py)
         return tokenizer, config, chat_data(model_args, data_args, tokenizer, config, seed)[0]
     block_size = choose_block_size(data_args.block_size, config, model_args.config_name or model_args.model_name_or_path)
     return tokenizer, config, pretraining_datasets(data_args, tokenizer, block_size, seed)

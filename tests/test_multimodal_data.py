@@ -156,10 +156,12 @@ def test_sft_names_the_file_and_line_of_a_missing_image(tmp_path, image_text_mod
 
 def test_packing_and_freezing_a_text_model_are_refused_in_one_line(tmp_path, image_text_model, image_chats, base_model):
     packed = run_main_in_process("sft.py", "--model_name_or_path", image_text_model, "--train_files", image_chats,
-                                 "--packing", "true", "--output_dir", tmp_path / "out", "--report_to", "none", "--max_length", "128")
+                                 "--packing", "true", "--output_dir", tmp_path / "out", "--report_to", "none",
+                                 "--max_length", "128")
     assert_clean_error(packed, "--packing true is not supported with image-text models")
     frozen = run_main_in_process("sft.py", "--model_name_or_path", base_model, "--train_files", image_chats,
-                                 "--freeze_vision_tower", "true", "--output_dir", tmp_path / "out2", "--report_to", "none", "--max_length", "128")
+                                 "--freeze_vision_tower", "true", "--output_dir", tmp_path / "out2", "--report_to", "none",
+                                 "--max_length", "128")
     assert_clean_error(frozen, "--freeze_vision_tower and --freeze_projector apply to image-text models")
 
 
@@ -177,7 +179,8 @@ def test_collated_batch_gives_the_loss_of_the_processors_batch(built, processor,
             pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
             out = model(input_ids=torch.tensor([row["input_ids"]]), pixel_values=pixels,
                         labels=torch.tensor([row["labels"]]))
-            alone.append((out.loss * sum(t != IGNORE for t in row["labels"][1:]), sum(t != IGNORE for t in row["labels"][1:])))
+            predicted = sum(t != IGNORE for t in row["labels"][1:])  # the loss's tokens: labels shifted by one
+            alone.append((out.loss * predicted, predicted))
     expected = sum(loss for loss, _ in alone) / sum(n for _, n in alone)
     assert torch.allclose(ours, expected, atol=1e-5)
 
@@ -189,10 +192,9 @@ def test_audit_counts_images_and_names_rows_whose_image_tokens_disagree(built, p
     assert "images (train): 12, 60 image tokens, 5-5 tokens per image" in result.render()
     row = dict(built["train"][0])
     token = processor.image_token_id
-    short = dict(row, input_ids=row["input_ids"][:1] + row["input_ids"][2:], labels=row["labels"][:1] + row["labels"][2:])
     first_image = row["input_ids"].index(token)
     trained = dict(row, labels=[t if i != first_image else token for i, t in enumerate(row["labels"])])
-    broken = Dataset.from_list([row, short if row["input_ids"][1] == token else _drop_image_token(row, token), trained])
+    broken = Dataset.from_list([row, _drop_image_token(row, token), trained])
     findings, summary = image_findings("train", broken, {"image_token_id": token, "images": 3})
     assert [(f.count, f.records[0].split(" (")[0]) for f in findings] == [(1, row["source"]), (1, row["source"])]
     assert "4 image tokens for images of 5" in findings[0].records[0] and summary["images"] == 3

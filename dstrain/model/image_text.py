@@ -63,8 +63,8 @@ def freeze_parts(model, freeze_vision_tower: bool, freeze_projector: bool) -> No
             raise UserError(f"{flag}: found no {' or '.join(names)} in this {model.config.model_type} model")
         for part in parts:
             part.requires_grad_(False)
-        print0(f"{flag}: {sum(p.ds_numel if hasattr(p, 'ds_numel') else p.numel() for part in parts for p in part.parameters()):,} "
-               "parameters frozen")
+        frozen = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for part in parts for p in part.parameters())
+        print0(f"{flag}: {frozen:,} parameters frozen")  # ds_numel: the whole size of a ZeRO-3 shard
 
 
 def language_model_targets(model, wanted: list[str] | str) -> list[str]:
@@ -93,7 +93,8 @@ def chat_data(model_args, data_args, tokenizer, config, seed: int, training_args
         return sft_datasets(data_args, tokenizer, seed), None
     if training_args is not None and training_args.sequence_parallel_size > 1:
         raise UserError("--sequence_parallel_size is not supported with image-text models")
-    processor = load_processor(model_args.model_name_or_path or model_args.tokenizer_name, model_args.trust_remote_code)
+    processor = load_processor(model_args.model_name_or_path or model_args.tokenizer_name,
+                               model_args.trust_remote_code)
     data = image_sft_datasets(data_args, processor.tokenizer, processor, seed)
     if training_args is not None:
         # The Trainer would drop the `images` column (no argument of the model's forward) before the collator,
