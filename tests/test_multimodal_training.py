@@ -1,17 +1,34 @@
 """Image-text SFT end to end on the tiny LLaVA-style model: one 2-rank ZeRO-3 sft.py run from the shipped
 configs/multimodal_sft.json (vision tower frozen), checked several ways; a LoRA run on its language model;
-the trained model answering an image question through chat.py (tokens come back: no quality claim)."""
+the trained model answering an image question through chat.py and serve.py (tokens come back: no quality
+claim)."""
 
+import base64
 import json
+import signal
+import subprocess
+import sys
+import time
 
+import httpx
+import openai
 import pytest
 import torch
+from openai import OpenAI
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dstrain.data.chat_template import render
-from tests.helpers import REPO, assert_succeeded, logged_losses, run_deepspeed, run_main_in_process
+from tests.helpers import (
+    REPO,
+    assert_succeeded,
+    free_port,
+    logged_losses,
+    run_deepspeed,
+    run_main_in_process,
+    script_env,
+)
 from tests.tiny_multimodal import QUESTION
 
 pytestmark = pytest.mark.slow
@@ -111,3 +128,42 @@ def test_chat_answers_an_image_question_with_the_trained_model_and_the_adapter(z
 def text_prompt_tokens(model_dir, text: str) -> int:
     tokenizer = AutoProcessor.from_pretrained(model_dir).tokenizer
     return len(render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True))
+
+
+@pytest.fixture(scope="module")
+def image_server(zero3_image_run, tmp_path_factory):
+    """serve.py on the trained image-text model (started as tests/test_serve.py starts it)."""
+    output_dir, _ = zero3_image_run
+    port, log = free_port(), tmp_path_factory.mktemp("image_server") / "server.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", output_dir, "--port", str(port),
+                                    "--log_level", "warning"], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                                   env=script_env())
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while True:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    yield OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), output_dir
+    process.terminate()
+    assert process.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+
+
+def test_server_answers_image_url_parts_as_data_urls_and_local_paths(image_server, image_chats):
+    client, output_dir = image_server
+    image = image_chats.parent / "images" / "blue1.png"
+    expected_prompt = text_prompt_tokens(output_dir, f"<image>\n{QUESTION}") + 4  # 5 tokens for the image
+    for url in ("data:image/png;base64," + base64.b64encode(image.read_bytes()).decode(), str(image)):
+        answer = client.chat.completions.create(model=output_dir.name, temperature=0, max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": f"\n{QUESTION}"}]}])
+        assert answer.usage.completion_tokens > 0 and answer.choices[0].message.content
+        assert answer.usage.prompt_tokens == expected_prompt
+    with pytest.raises(openai.BadRequestError, match="image 0 not found"):
+        client.chat.completions.create(model=output_dir.name, max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image) + ".gone"}}]}])

@@ -38,6 +38,7 @@ class GenerationRequest:
     done: asyncio.Future  # resolves with a Completion (or the exception generation raised)
     on_text: Callable[[str], None] | None = None  # streaming: each piece of text, called in the worker
     cancel: threading.Event = field(default_factory=threading.Event)  # set when the client is gone
+    images: list = field(default_factory=list)  # an image-text model's images (PIL), in image-token order
 
     def batch_key(self) -> tuple:
         return (self.sampling.batch_key(), self.chat, self.on_text is not None)
@@ -118,7 +119,8 @@ class GenerationEngine:
                                          self._stop_ids[head.chat],
                                          max_new_tokens=[request.sampling.max_new_tokens for request in batch],
                                          adapter_names=adapters, streamer=streamer,
-                                         cancel=head.cancel if len(batch) == 1 else None)
+                                         cancel=head.cancel if len(batch) == 1 else None,
+                                         images=[request.images for request in batch])
         except Exception as error:  # noqa: BLE001 - handed to each waiting request, which answers 500
             for request in batch:
                 self._resolve(request, error)

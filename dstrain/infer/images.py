@@ -82,3 +82,29 @@ def pixel_inputs(loaded, images_per_row: list[list] | None) -> dict:
     dtype = loaded.model.dtype
     return {key: value.to(loaded.model.device, dtype=dtype if value.is_floating_point() else value.dtype)
             for key, value in inputs.items()}
+
+
+def request_images(loaded, messages) -> tuple[list[dict], list]:
+    """An OpenAI chat request's messages (openai_requests.ChatMessage) as template messages, each
+    `image_url` part become the model's image token, and the images opened, in order. Text requests
+    come back as they were, with no images."""
+    rendered, images = [], []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, str):
+            rendered.append({"role": message.role, "content": content})
+            continue
+        text = []
+        for part in content:
+            if part.type == "text":
+                text.append(part.text)
+                continue
+            require_image_model(loaded, f"message {i}")
+            if message.role != "user":
+                raise UserError(f"message {i}: images go in user messages")
+            images.append(open_image(part.image_url.url, where=f"message {i}", index=len(images)))
+            text.append(image_token(loaded))
+        rendered.append({"role": message.role, "content": "".join(text)})
+    if images:
+        check_placeholders(loaded, rendered, images, "messages")
+    return rendered, images

@@ -23,8 +23,10 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dstrain.data.chat_template import has_chat_template
+from dstrain.errors import UserError
 from dstrain.infer.engine import EngineBusy, GenerationEngine, GenerationRequest
 from dstrain.infer.generation import Completion, StopTextFilter, chat_prompt_ids, fit_to_context, text_prompt_ids
+from dstrain.infer.images import image_prompt_ids, request_images
 from dstrain.infer.openai_requests import (
     APIError,
     ChatCompletionRequest,
@@ -118,9 +120,10 @@ async def http_error(_request, error: StarletteHTTPException):
 
 # ===== generation requests and their answers =====
 
-def new_request(prompt, sampling, chat, adapter, on_text=None) -> GenerationRequest:
+def new_request(prompt, sampling, chat, adapter, on_text=None, images=None) -> GenerationRequest:
     loop = asyncio.get_running_loop()
-    return GenerationRequest(prompt, sampling, chat, adapter, loop, loop.create_future(), on_text)
+    return GenerationRequest(prompt, sampling, chat, adapter, loop, loop.create_future(), on_text,
+                             images=images or [])
 
 
 async def outcome(request: GenerationRequest) -> Completion:
@@ -136,7 +139,7 @@ def usage(completions: list[Completion]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-def streaming_request(prompt, sampling, chat, adapter):
+def streaming_request(prompt, sampling, chat, adapter, images=None):
     """A request whose text pieces (stop strings held back and cut) arrive on an asyncio queue."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
@@ -150,7 +153,7 @@ def streaming_request(prompt, sampling, chat, adapter):
         if released:
             loop.call_soon_threadsafe(pieces.put_nowait, released)
 
-    request = new_request(prompt, sampling, chat, adapter, on_text)
+    request = new_request(prompt, sampling, chat, adapter, on_text, images)
 
     def end_of_stream(_future) -> None:
         if (rest := text_filter.flush()):
@@ -240,20 +243,24 @@ async def chat_completions(body: ChatCompletionRequest, server: CurrentServer):
     adapter, tokenizer = server.adapter_for(body.model), server.engine.loaded.tokenizer
     if not has_chat_template(tokenizer):
         raise APIError(400, f"the model {body.model!r} has no chat template: use /v1/completions", param="model")
-    try:
-        prompt = chat_prompt_ids(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+    try:  # image_url parts (an image-text model): the image token per image, expanded (dstrain/infer/images.py)
+        messages, images = request_images(server.engine.loaded, body.messages)
+        prompt = image_prompt_ids(server.engine.loaded, messages, images) if images else chat_prompt_ids(
+            tokenizer, messages)
+    except UserError as error:
+        raise APIError(400, f"messages: {error}", param="messages") from None
     except TemplateError as error:  # e.g. templates that demand alternating user/assistant turns
         raise APIError(400, f"messages: the model's chat template refused them: {error}", param="messages") from None
     sampling = server.sampling_for(body, len(prompt))
     identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
 
     if body.stream:
-        request, pieces = streaming_request(prompt, sampling, True, adapter)
+        request, pieces = streaming_request(prompt, sampling, True, adapter, images)
         server.submit(request)
         return streamed(request, pieces, partial(chat_chunk, identity), partial(chat_finish_chunk, identity), body,
                         opening=chat_chunk(identity, "", {"role": "assistant"}))
 
-    request = new_request(prompt, sampling, True, adapter)
+    request = new_request(prompt, sampling, True, adapter, images=images)
     server.submit(request)
     completion = await outcome(request)
     return identity | {

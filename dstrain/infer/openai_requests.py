@@ -40,12 +40,23 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str  # a data:image/...;base64, URL or a local path / file:// URL (dstrain/infer/images.py)
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart | ImagePart]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        """The text parts (image parts: dstrain/infer/images.request_images)."""
+        return self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content if part.type == "text")
 
 
 class StreamOptions(BaseModel):
