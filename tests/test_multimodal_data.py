@@ -234,3 +234,12 @@ def test_inference_prompt_is_the_processors_and_data_urls_open(tmp_path, process
     assert (np.asarray(open_image(url)) == np.asarray(image)).all()
     with pytest.raises(UserError, match="cannot be read as an image"):
         open_image("data:image/png;base64," + base64.b64encode(b"not a png").decode())
+
+
+def test_audit_py_reports_images_with_the_training_flags(tmp_path, image_text_model, image_chats):
+    result = run_main_in_process("audit.py", "--model_name_or_path", image_text_model, "--train_files", image_chats,
+                                 "--stage", "sft", "--max_length", "64", "--data_cache_dir", tmp_path / "cache",
+                                 "--validation_split_percentage", "0", "--freeze_vision_tower", "true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Data audit (sft): 0 problems" in result.stdout
+    assert "images (train): 12, 60 image tokens, 5-5 tokens per image" in result.stdout
