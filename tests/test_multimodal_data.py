@@ -20,7 +20,8 @@ from dstrain.arguments import ChatDataArguments, ModelArguments
 from dstrain.audit import audit
 from dstrain.audit.images import image_findings
 from dstrain.data.chat_template import IGNORE
-from dstrain.data.multimodal import ImageChatCollator, image_conversation, image_sft_datasets
+from dstrain.data.image_records import image_conversation
+from dstrain.data.multimodal import ImageChatCollator, image_sft_datasets
 from dstrain.data.sft import assistant_spans
 from dstrain.errors import BadRecord, UserError
 from dstrain.infer.images import image_prompt_ids, open_image
@@ -160,8 +161,8 @@ def test_packing_and_freezing_a_text_model_are_refused_in_one_line(tmp_path, ima
                                  "--max_length", "128")
     assert_clean_error(packed, "--packing true is not supported with image-text models")
     frozen = run_main_in_process("sft.py", "--model_name_or_path", base_model, "--train_files", image_chats,
-                                 "--freeze_vision_tower", "true", "--output_dir", tmp_path / "out2", "--report_to", "none",
-                                 "--max_length", "128")
+                                 "--freeze_vision_tower", "true", "--output_dir", tmp_path / "out2",
+                                 "--report_to", "none", "--max_length", "128")
     assert_clean_error(frozen, "--freeze_vision_tower and --freeze_projector apply to image-text models")
 
 

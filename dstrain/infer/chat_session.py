@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import TextStreamer
 
 from dstrain.data.chat_template import has_chat_template
-from dstrain.data.multimodal import image_location
+from dstrain.data.image_records import image_location
 from dstrain.data.records import read_records
 from dstrain.errors import BadRecord, UserError
 from dstrain.infer.generation import (

@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 
 from dstrain.data.chat_template import render
-from dstrain.data.multimodal import expand_image_tokens, image_location, image_token_counts
+from dstrain.data.image_records import image_location
 from dstrain.errors import BadRecord, UserError
 
 
@@ -67,6 +67,9 @@ def check_placeholders(loaded, messages: list[dict], images: list, where: str) -
 def image_prompt_ids(loaded, messages: list[dict], images: list) -> list[int]:
     """The prompt's ids through the chat template (with the assistant's cue), each image token expanded
     into the tokens the processor gives that image."""
+    # training's expansion; imported here, as the datasets library it pulls in is needed for images only
+    from dstrain.data.multimodal import expand_image_tokens, image_token_counts  # noqa: PLC0415
+
     ids = render(loaded.tokenizer, messages, add_generation_prompt=True)
     counts = image_token_counts(loaded.processor, [(image.height, image.width) for image in images])
     return expand_image_tokens(ids, [0] * len(ids), loaded.processor.image_token_id, counts)[0]

@@ -37,8 +37,8 @@ def load_processor(path: str, trust_remote_code: bool = False):
     except (OSError, ValueError, ImportError) as error:
         raise UserError(f"{path}: cannot load the image-text model's processor: {str(error).splitlines()[0]}") from None
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
-        raise UserError(f"{path}: its processor ({type(processor).__name__}) has no image processor; an image-text "
-                        "model folder holds processor_config.json (or preprocessor_config.json) beside the tokenizer")
+        raise UserError(f"{path}: its processor ({type(processor).__name__}) has no image processor; an "
+                        "image-text model folder holds processor_config.json (or preprocessor_config.json) beside the tokenizer")
     return processor
 
 
