@@ -20,6 +20,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dstrain.data.chat_template import render
+from dstrain.infer import chat_session
+from dstrain.infer.model_loading import load_inference_model
+from dstrain.infer.sampling import Sampling
 from tests.helpers import (
     REPO,
     assert_succeeded,
@@ -79,6 +82,8 @@ def test_output_reloads_with_the_auto_classes_and_its_processor(zero3_image_run)
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, image_text_model, image_chats):
     output_dir = tmp_path_factory.mktemp("image_lora") / "out"
+    # One process, no DeepSpeed: the same run on 2 ZeRO-2 ranks passed too (59 s on the loaded machine), more
+    # than this suite's time budget allows beside the ZeRO-3 run.
     result = run_main_in_process(
         "lora.py", "--model_name_or_path", image_text_model, "--train_files", image_chats, "--max_length", "64",
         "--lora_target_modules", "q_proj,v_proj", "--freeze_vision_tower", "true", "--output_dir", output_dir,
@@ -99,6 +104,8 @@ def test_lora_adapts_the_language_model_only_and_loads_on_its_base(lora_run, ima
     assert {name for name, _ in model.named_modules() if name.endswith("lora_A")} == {
         f"base_model.model.{target}.lora_A" for target in targets}
     assert (lora_run / "processor_config.json").is_file()  # chat.py and serve.py load images with it
+    losses = logged_losses(lora_run)
+    assert len(losses) == 4 and losses[4] < losses[1], losses
 
 
 def test_chat_answers_an_image_question_with_the_trained_model_and_the_adapter(zero3_image_run, lora_run, image_chats,
@@ -123,6 +130,25 @@ def test_chat_answers_an_image_question_with_the_trained_model_and_the_adapter(z
         assert [a["id"] for a in written] == [1, 2] and all(a["completion_tokens"] > 0 for a in written)
         # the image's 5 tokens are in the prompt: the text-only rendering plus 4
         assert written[0]["prompt_tokens"] == text_prompt_tokens(output_dir, f"<image>\n{QUESTION}") + 4
+
+
+def test_interactive_chat_sends_an_image_with_the_next_message(zero3_image_run, image_chats, capsys, monkeypatch):
+    output_dir, _ = zero3_image_run
+    loaded = load_inference_model(str(output_dir))
+    script = iter([f"/image {image_chats.parent / 'images' / 'green0.png'}", QUESTION, "And again?", "/exit"])
+    seen = []
+    original = chat_session.generate_one
+
+    def recording(loaded, prompt, sampling, chat, streamer=None, adapter=None, images=None):
+        seen.append((prompt.count(loaded.processor.image_token_id), len(images or [])))
+        return original(loaded, prompt, sampling, chat, streamer, adapter, images)
+
+    monkeypatch.setattr(chat_session, "generate_one", recording)  # the real generation, its inputs recorded
+    chat_session.interactive_chat(loaded, Sampling(max_new_tokens=4, temperature=0.0), None,
+                                  read=lambda _prompt: next(script))
+    # the image's 5 tokens with the first message, and again in the history of the second
+    assert seen == [(5, 1), (5, 1)]
+    assert capsys.readouterr().out.count("assistant: ") == 2
 
 
 def text_prompt_tokens(model_dir, text: str) -> int:
