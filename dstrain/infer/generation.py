@@ -50,6 +50,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int  # generated tokens, the stop token included
     finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens reached)
+    token_ids: list[int] | None = None  # the generated ids, where the caller kept them (the server's engine)
 
 
 class StopTextFilter:
