@@ -51,7 +51,8 @@ class GenerationEngine:
         self._stop_ids = {chat: stop_token_ids(loaded.model, loaded.tokenizer, chat) for chat in (True, False)}
         self._worker = threading.Thread(target=self._work, name="generation", daemon=True)
         self.steps_run = 0
-        self.largest_batch = 0  # the most rows that decoded together (tests and /health read it)
+        self.largest_batch = 0  # the most rows that decoded together (tests read it)
+        self.cancelled = 0  # requests ended because their client went away (/health reports it)
 
     def start(self) -> "GenerationEngine":
         self._worker.start()
@@ -96,6 +97,7 @@ class GenerationEngine:
             gone = [row for row in batch.rows if row.request.cancel.is_set() and row.finish is None]
             for row in gone:
                 row.finish = "stop"
+            self.cancelled += len(gone) + len(cancelled)
             self._leave(batch, pieces)
             if not len(batch):
                 continue

@@ -314,7 +314,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
 @router.get("/health")
 async def health(server: CurrentServer):
-    return {"status": "ok", "pending": server.engine.pending}
+    return {"status": "ok", "pending": server.engine.pending, "cancelled": server.engine.cancelled}
 
 
 def model_card(server: Server, name: str) -> dict:
