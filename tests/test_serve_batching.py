@@ -255,3 +255,30 @@ def test_an_internal_error_answers_with_a_request_id_and_logs_the_details(app_cl
     monkeypatch.undo()
     assert post(app_client, {"messages": chat(("user", QUESTION))}).json()["choices"][0]["message"]["content"] == \
         REPLIES["base"]  # the engine lives on
+
+
+# ===== stop strings =====
+
+def test_stop_strings_are_cut_at_the_first_to_complete_however_the_text_is_split():
+    """The filter against a brute-force reference on random texts, split into random pieces: the released
+    text ends where the first stop string to be completed begins (the longest, when several end together),
+    and nothing that may start a stop string is released before it is known not to."""
+    import random
+
+    from dstrain.infer.generation import StopTextFilter
+
+    def reference(stops, text):
+        ends = [(text.find(stop) + len(stop), -len(stop)) for stop in stops if stop in text]
+        return (text[:sum(min(ends))], True) if ends else (text, False)
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = tuple("".join(rng.choices("ab c", k=rng.randint(1, 5))) for _ in range(rng.randint(1, 4)))
+        pieces = ["".join(rng.choices("ab c", k=rng.randint(0, 4))) for _ in range(rng.randint(1, 8))]
+        text_filter, released = StopTextFilter(stops), []
+        final = reference(stops, "".join(pieces))
+        for piece in pieces:
+            released.append(text_filter.feed(piece))
+            assert final[0].startswith("".join(released)), (stops, pieces)  # nothing released that is cut later
+        released.append(text_filter.flush())
+        assert ("".join(released), text_filter.stopped) == final, (stops, pieces)

@@ -50,7 +50,8 @@ class GenerationEngine:
         self._pending = 0  # accepted and not finished: waiting or running
         self._stop_ids = {chat: stop_token_ids(loaded.model, loaded.tokenizer, chat) for chat in (True, False)}
         self._worker = threading.Thread(target=self._work, name="generation", daemon=True)
-        self.steps_run = 0
+        self.steps_run = 0  # decoding steps (prefills not counted)
+        self.rows_decoded = 0  # the sum of the rows of every step: / steps_run is the mean batch
         self.largest_batch = 0  # the most rows that decoded together (tests read it)
         self.cancelled = 0  # requests ended because their client went away (/health reports it)
 
@@ -109,6 +110,7 @@ class GenerationEngine:
                 self._fail(rows, error)
                 continue
             self.steps_run += 1
+            self.rows_decoded += len(pieces)
             self.largest_batch = max(self.largest_batch, len(batch))
             self._leave(batch, pieces)
 

@@ -314,7 +314,9 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
 @router.get("/health")
 async def health(server: CurrentServer):
-    return {"status": "ok", "pending": server.engine.pending, "cancelled": server.engine.cancelled}
+    engine = server.engine
+    return {"status": "ok", "pending": engine.pending, "cancelled": engine.cancelled, "steps": engine.steps_run,
+            "rows_decoded": engine.rows_decoded}
 
 
 def model_card(server: Server, name: str) -> dict:

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
@@ -35,17 +36,22 @@ from dstrain.infer.sampling import Sampling
 
 
 class IncrementalText:
-    """Token ids to text pieces as they arrive, never half a character: decodes a short window (from the
-    start of the last emitted piece) rather than the whole reply each step, the offsets vLLM's detokenizer
-    uses, so a tokenizer that drops a word's leading space at the start of a decode still gets it right."""
+    """Token ids to text pieces as they arrive, never half a character. With a fast tokenizer this is the
+    `tokenizers` library's own DecodeStream (in Rust: a step costs microseconds, not two Python decodes);
+    otherwise a short window is decoded (from the start of the last emitted piece, the offsets vLLM's
+    detokenizer uses, so a word's leading space survives)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token: int) -> str:
+        if self.stream is not None:
+            return self.stream.step(self.backend, token) or ""
         self.ids.append(token)
         before, after = self._decode(self.ids[self.prefix:self.read]), self._decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -54,6 +60,9 @@ class IncrementalText:
         return ""
 
     def flush(self) -> str:
+        """What is still held (an unfinished character, which decodes as U+FFFD, as `decode` would give it)."""
+        if self.stream is not None:
+            return ""  # DecodeStream holds bytes only until they complete a character
         before, after = self._decode(self.ids[self.prefix:self.read]), self._decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return after[len(before):]
@@ -64,7 +73,7 @@ class Row:
     """One request in the running batch."""
     request: object  # engine.GenerationRequest
     stop_ids: frozenset[int]
-    generator: torch.Generator | None  # per request, so a seed gives the same tokens whatever shares the batch
+    random: random.Random | None  # per request, so a seed gives the same tokens whatever shares the batch
     tokens: list[int] = field(default_factory=list)  # generated so far
     text: IncrementalText | None = None  # streamed requests and stop strings: text as it grows
     stop_filter: StopTextFilter | None = None
@@ -104,12 +113,11 @@ class Row:
 
 def new_row(loaded: InferenceModel, request, stop_ids: list[int]) -> Row:
     sampling = request.sampling
-    generator = None
+    draws = None
     if sampling.temperature != 0:
-        generator = torch.Generator(device=loaded.model.device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else random.getrandbits(63))
+        draws = random.Random(sampling.seed if sampling.seed is not None else random.getrandbits(63))
     needs_text = request.pieces is not None or bool(sampling.stop)
-    return Row(request, frozenset(stop_ids), generator,
+    return Row(request, frozenset(stop_ids), draws,
                text=IncrementalText(loaded.tokenizer) if needs_text else None,
                stop_filter=StopTextFilter(sampling.stop) if needs_text else None)
 
@@ -216,28 +224,44 @@ class RunningBatch:
 
     def _pick(self, logits: torch.Tensor, rows: list[Row], histories: list[torch.Tensor] | None) -> torch.Tensor:
         """Each row's next token under its own settings, in `generate`'s order: repetition penalty, no stop
-        token before max_new_tokens for ignore_eos, then greedy, or temperature, top-k, top-p and a draw."""
+        token before max_new_tokens for ignore_eos, then greedy, or temperature, top-k, top-p and a draw.
+        Vectorised over the rows that share a setting: per-row tensor operations would cost more than the
+        forward of a small model at batch 16."""
+        for i, row in enumerate(rows):  # rare: a Python step per row that asks for it
+            if row.sampling.repetition_penalty != 1:
+                penalty = RepetitionPenaltyLogitsProcessor(row.sampling.repetition_penalty)
+                logits[i:i + 1] = penalty(histories[i][None], logits[i:i + 1])
+        for stop_ids, indices in groups(rows, lambda row: row.stop_ids if row.sampling.ignore_eos else None):
+            if stop_ids is not None:
+                logits[torch.tensor(indices)[:, None], torch.tensor(sorted(stop_ids))[None, :]] = -float("inf")
         chosen = logits.argmax(-1)
-        for i, row in enumerate(rows):
-            sampling = row.sampling
-            if sampling.temperature == 0 and sampling.repetition_penalty == 1 and not sampling.ignore_eos:
-                continue  # the argmax above
-            scores = logits[i:i + 1]
-            if sampling.repetition_penalty != 1:
-                scores = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)(histories[i][None], scores)
-            if sampling.ignore_eos:
-                scores = scores.clone()
-                scores[:, list(row.stop_ids)] = -float("inf")
-            if sampling.temperature == 0:
-                chosen[i] = scores.argmax(-1)[0]
-                continue
-            scores = TemperatureLogitsWarper(sampling.temperature)(None, scores)
-            if sampling.top_k:
-                scores = TopKLogitsWarper(sampling.top_k)(None, scores)
-            if sampling.top_p < 1:
-                scores = TopPLogitsWarper(sampling.top_p)(None, scores)
-            chosen[i] = torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0, 0]
+        sampled = [i for i, row in enumerate(rows) if row.sampling.temperature != 0]
+        if not sampled:
+            return chosen
+        scores = logits[sampled] / torch.tensor([rows[i].sampling.temperature for i in sampled],
+                                                device=logits.device)[:, None]
+        members = [rows[i] for i in sampled]
+        for (top_k, top_p), indices in groups(members, lambda row: (row.sampling.top_k, row.sampling.top_p)):
+            index = torch.tensor(indices, device=logits.device)
+            if top_k:
+                scores[index] = TopKLogitsWarper(top_k)(None, scores[index])
+            if top_p < 1:
+                scores[index] = TopPLogitsWarper(top_p)(None, scores[index])
+        # One uniform draw per row from the row's own generator, turned into a token by the inverse of its
+        # cumulative distribution: a seeded request draws the same tokens whatever else shares the batch.
+        cumulative = scores.softmax(-1).cumsum(-1)
+        draws = torch.tensor([row.random.random() for row in members], device=logits.device, dtype=cumulative.dtype)
+        picks = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None], right=True)
+        chosen[sampled] = picks[:, 0].clamp(max=logits.shape[-1] - 1)
         return chosen
+
+
+def groups(rows: list[Row], key) -> list[tuple[object, list[int]]]:
+    """(key, row indices) for each distinct key, in order of first appearance."""
+    found: dict = {}
+    for i, row in enumerate(rows):
+        found.setdefault(key(row), []).append(i)
+    return list(found.items())
 
 
 def left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
