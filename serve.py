@@ -54,7 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default_max_tokens", type=int, default=256, help="when a chat request sets no max_tokens")
     parser.add_argument("--max_tokens_limit", type=int, default=2048, help="the largest max_tokens accepted")
     parser.add_argument("--max_request_bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
-    parser.add_argument("--max_stop_length", type=int, default=256, help="the longest stop string accepted (characters)")
+    parser.add_argument("--max_stop_length", type=int, default=256,
+                        help="the longest stop string accepted, in characters")
     parser.add_argument("--backend", choices=["transformers", *EXTERNAL_BACKENDS], default="transformers",
                         help="vllm and sglang: their own servers (GPU), with the same models, names, port and key")
     parser.add_argument("--backend_arg", action="append", default=[], metavar="FLAGS",
@@ -80,7 +81,8 @@ def parse_lora_flags(flags: list[str]) -> dict[str, str]:
 
 def check_settings(args) -> None:
     if args.backend_arg and args.backend == "transformers":
-        raise UserError("--backend_arg is for --backend vllm or sglang; the transformers backend takes serve.py's flags")
+        raise UserError("--backend_arg is for --backend vllm or sglang; "
+                        "the transformers backend takes serve.py's own flags")
     if args.backend in EXTERNAL_BACKENDS:
         backend_args(args)  # its errors before any check of packages or GPUs
     for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_tokens_limit", "max_request_bytes",
@@ -248,7 +250,8 @@ def main(argv=None) -> None:
         print(f"warning: listening on {args.host} without an API key (set --api_key or {API_KEY_VARIABLE})",
               file=sys.stderr)
     print(f"Serving {', '.join(models)} at http://{args.host}:{args.port}/v1 on {loaded.model.device} "
-          f"(continuous batching of up to {args.max_batch_size} rows, at most {args.max_queue} requests at once)", flush=True)
+          f"(continuous batching of up to {args.max_batch_size} rows, at most {args.max_queue} requests at once)",
+          flush=True)
 
     # ===== 3. serve until Ctrl-C / SIGTERM =====
     try:

@@ -367,3 +367,41 @@ def test_an_adapter_model_is_served_under_its_name_over_its_base_by_both_backend
 def test_backend_args_that_cannot_work_are_one_line_errors(models, flags, message):
     result = run_main_in_process("serve.py", "--model", models["chat"], "--port", str(free_port()), *flags)
     assert_clean_error(result, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_an_external_backend_serves_the_model_under_its_name_and_key_on_a_gpu(models, backend, tmp_path):
+    """Where the package and a CUDA GPU are present (never on the CPU machines: skipped there): serve.py hands
+    over to the backend's own server, which lists the same model name, wants the same key and answers."""
+    import importlib.util
+
+    import torch
+
+    if not (importlib.util.find_spec(backend) and torch.cuda.is_available()):
+        pytest.skip(f"needs the {backend} package and a CUDA GPU")
+    require_slow(f"starts {backend}'s server")
+    port, log = free_port(), tmp_path / "server.log"
+    command = [sys.executable, str(REPO / "serve.py"), "--model", str(models["chat"]), "--port", str(port),
+               "--api_key", KEY, "--backend", backend, "--backend_arg",
+               "--gpu-memory-utilization 0.3" if backend == "vllm" else "--mem-fraction-static 0.3"]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=script_env())
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + 600
+        while True:
+            assert process.poll() is None, f"{backend} exited:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{backend} did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        client = OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+        assert [model.id for model in client.models.list()] == ["chat"]
+        assert isinstance(ask(client, max_tokens=8).choices[0].message.content, str)
+        assert httpx.get(f"{url}/models").status_code == 401
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -1,20 +1,20 @@
 """OpenAI-compatible HTTP API over the generation engine, with FastAPI: /v1/chat/completions (and
 `stream: true` as server-sent events), /v1/completions, /v1/models, and /health; an optional API key
-(`Authorization: Bearer ...`). Request bodies and the OpenAI error shape: dstrain/infer/openai_requests.py.
+(`Authorization: Bearer ...`). Request bodies and the OpenAI error shape: dstrain/infer/openai_requests.py;
+request ids, the body-size limit and the error handlers: dstrain/infer/openai_guards.py.
 
 The handlers are plain functions on two routers (/health open, /v1 behind the key); what they share,
 the engine and the settings, lives in the app's state and reaches them as a FastAPI dependency.
 
 Limits, each an OpenAI-shaped error: the request body's size (413, checked before it is read whole), the
-number and length of stop strings, the prompt's length (a bound from its bytes before anything is rendered,
-then the exact count). Chat-template rendering and tokenizing run on a worker thread, never on the event
+number and length of stop strings, the prompt's length (a bound from its characters before anything is
+rendered, then the exact count). Chat-template rendering and tokenizing run on a worker thread, never on the event
 loop. An unexpected error answers with a request id only; its text and traceback go to the server's log
 under that id (every response carries it in `x-request-id`).
 """
 
 import asyncio
 import json
-import logging
 import secrets
 import time
 import uuid
@@ -24,25 +24,16 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
 from jinja2 import TemplateError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dstrain.data.chat_template import has_chat_template
 from dstrain.infer.engine import EngineBusy, GenerationEngine, GenerationRequest
 from dstrain.infer.generation import Completion, chat_prompt_ids, fit_to_context, text_prompt_ids
-from dstrain.infer.openai_requests import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingFields,
-    validation_error,
-)
+from dstrain.infer.openai_guards import EXCEPTION_HANDLERS, ClientGone, RequestGuard, internal_error, request_id
+from dstrain.infer.openai_requests import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from dstrain.infer.sampling import Sampling
-
-log = logging.getLogger("dstrain.serve")
 
 
 @dataclass
@@ -132,79 +123,6 @@ async def check_key(server: CurrentServer,
         raise APIError(401, "missing or incorrect API key (send Authorization: Bearer <key>)", code="invalid_api_key")
 
 
-# ===== errors: every one OpenAI-shaped =====
-
-async def api_error(_request, error: APIError):
-    return error.response()
-
-
-async def request_validation_error(_request, error: RequestValidationError):
-    return validation_error(error).response()
-
-
-def request_id(request: Request) -> str:
-    return getattr(request.state, "request_id", "-")
-
-
-async def unexpected_error(request: Request, error: Exception):  # still a body the client can parse
-    log.error("request %s: %s %s failed", request_id(request), request.method, request.url.path, exc_info=error)
-    return internal_error(request_id(request)).response()
-
-
-def internal_error(request_id_: str, what: str = "internal error") -> APIError:
-    """What the client learns of a failure: no exception text, a request id the server's log has."""
-    return APIError(500, f"{what} (request id {request_id_}; the server's log has the details)",
-                    type_="server_error")
-
-
-class RequestGuard:
-    """ASGI middleware: gives each request an id (request.state.request_id, the `x-request-id` header) and
-    refuses a body over `max_bytes` with 413, by its Content-Length before reading or while it streams in."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        identity = uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = identity
-        too_large = APIError(413, f"the request body is larger than this server accepts ({self.max_bytes} bytes)",
-                             code="request_too_large")
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", identity.encode())]
-            await send(message)
-
-        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await too_large.response()(scope, receive, send_with_id)
-        # Read the body here, counting, before the app sees it: a chunked body has no Content-Length, and an
-        # error raised while FastAPI reads would come back as its generic 400. It is bounded by max_bytes.
-        messages, received = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                return await too_large.response()(scope, receive, send_with_id)
-            if not message.get("more_body", False):
-                break
-
-        async def replayed_receive():
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replayed_receive, send_with_id)
-
-
-async def http_error(_request, error: StarletteHTTPException):
-    code = "not_found" if error.status_code == 404 else None
-    return APIError(error.status_code, str(error.detail), code=code).response()
-
-
 # ===== generation requests and their answers =====
 
 def new_request(prompt, sampling, chat, adapter, http: Request, stream: bool = False) -> GenerationRequest:
@@ -240,16 +158,6 @@ async def outcomes_unless_gone(requests: list[GenerationRequest], http: Request)
         watcher.cancel()
         for request in requests:
             request.cancel.set()  # no effect once finished
-
-
-class ClientGone(Exception):
-    """Nobody is left to answer."""
-
-
-async def client_gone(_request, _error: ClientGone):
-    from starlette.responses import Response
-
-    return Response(status_code=499)  # nginx's "client closed request": only the server's log sees it
 
 
 def usage(completions: list[Completion]) -> dict:
@@ -406,9 +314,7 @@ async def completions(body: CompletionRequest, server: CurrentServer, http: Requ
 
 
 def build_app(engine: GenerationEngine, settings: ServerSettings) -> FastAPI:
-    app = FastAPI(title="dstrain OpenAI-compatible server", exception_handlers={
-        APIError: api_error, RequestValidationError: request_validation_error, Exception: unexpected_error,
-        StarletteHTTPException: http_error, ClientGone: client_gone})
+    app = FastAPI(title="dstrain OpenAI-compatible server", exception_handlers=EXCEPTION_HANDLERS)
     app.state.server = Server(engine, settings, int(time.time()), longest_token_chars(engine.loaded.tokenizer))
     app.add_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
     app.include_router(router)
