@@ -369,17 +369,21 @@ def test_backend_args_that_cannot_work_are_one_line_errors(models, flags, messag
     assert_clean_error(result, message)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["vllm", "sglang"])
-def test_an_external_backend_serves_the_model_under_its_name_and_key_on_a_gpu(models, backend, tmp_path):
-    """Where the package and a CUDA GPU are present (never on the CPU machines: skipped there): serve.py hands
-    over to the backend's own server, which lists the same model name, wants the same key and answers."""
+def backend_present(backend: str) -> bool:
     import importlib.util
 
     import torch
 
-    if not (importlib.util.find_spec(backend) and torch.cuda.is_available()):
-        pytest.skip(f"needs the {backend} package and a CUDA GPU")
+    return bool(importlib.util.find_spec(backend)) and torch.cuda.is_available()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [
+    pytest.param(name, marks=pytest.mark.skipif(not backend_present(name), reason=f"needs {name} and a CUDA GPU"))
+    for name in ("vllm", "sglang")])
+def test_an_external_backend_serves_the_model_under_its_name_and_key_on_a_gpu(models, backend, tmp_path):
+    """Where the package and a CUDA GPU are present (never on the CPU machines: skipped there): serve.py hands
+    over to the backend's own server, which lists the same model name, wants the same key and answers."""
     require_slow(f"starts {backend}'s server")
     port, log = free_port(), tmp_path / "server.log"
     command = [sys.executable, str(REPO / "serve.py"), "--model", str(models["chat"]), "--port", str(port),
