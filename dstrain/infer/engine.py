@@ -10,9 +10,8 @@ piece), never blocking on it; the event loop never touches the model.
 
 import asyncio
 import logging
-import queue
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from dstrain.infer.generation import Completion, stop_token_ids
@@ -45,8 +44,10 @@ class GenerationEngine:
     def __init__(self, loaded: InferenceModel, max_batch_size: int = 8, max_queue: int = 64):
         check_cache_supported(loaded.model)
         self.loaded, self.max_batch_size, self.max_queue = loaded, max_batch_size, max_queue
-        self._incoming: queue.Queue = queue.Queue()
+        self._waiting: deque[GenerationRequest] = deque()  # accepted, not yet in the batch
         self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)  # a request arrived, or stop() was called
+        self._stopping = False
         self._pending = 0  # accepted and not finished: waiting or running
         self._stop_ids = {chat: stop_token_ids(loaded.model, loaded.tokenizer, chat) for chat in (True, False)}
         self._worker = threading.Thread(target=self._work, name="generation", daemon=True)
@@ -60,7 +61,10 @@ class GenerationEngine:
         return self
 
     def stop(self) -> None:
-        self._incoming.put(None)
+        """Admit nothing more, finish the running rows; requests still waiting are refused."""
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify()
         self._worker.join(timeout=30)
 
     @property
@@ -74,19 +78,17 @@ class GenerationEngine:
                 raise EngineBusy(f"the server is busy: {self._pending} requests are waiting or running "
                                  f"(at most {self.max_queue}); retry shortly")
             self._pending += len(requests)
-        for request in requests:
-            self._incoming.put(request)
+            self._waiting.extend(requests)
+            self._wakeup.notify()
 
     # ----- the worker thread -----
 
     def _work(self) -> None:
         batch, stopping = RunningBatch(self.loaded), False
         while not stopping or len(batch):
-            joining, stopping = self._take_new(batch, stopping)
-            cancelled = [request for request in joining if request.cancel.is_set()]
+            joining, cancelled, stopping = self._take_new(batch)
             self._settle([], [(request, Completion("", len(request.prompt), 0, "stop")) for request in cancelled])
-            joining = [new_row(self.loaded, request, self._stop_ids[request.chat])
-                       for request in joining if not request.cancel.is_set()]
+            joining = [new_row(self.loaded, request, self._stop_ids[request.chat]) for request in joining]
             pieces: list[tuple[Row, str]] = []
             if joining:
                 for row in joining:
@@ -114,19 +116,23 @@ class GenerationEngine:
             self.largest_batch = max(self.largest_batch, len(batch))
             self._leave(batch, pieces)
 
-    def _take_new(self, batch: RunningBatch, stopping: bool) -> tuple[list[GenerationRequest], bool]:
-        """Waiting requests for the free rows: blocks only while nothing runs."""
-        joining = []
-        while not stopping and len(batch) + len(joining) < self.max_batch_size:
-            try:
-                request = self._incoming.get(block=not len(batch) and not joining)
-            except queue.Empty:
-                break
-            if request is None:
-                stopping = True
-            else:
-                joining.append(request)
-        return joining, stopping
+    def _take_new(self, batch: RunningBatch) -> tuple[list[GenerationRequest], list[GenerationRequest], bool]:
+        """(requests for the free rows, waiting requests whose client has gone, stopping). Blocks only while
+        nothing runs. Gone clients are dropped from the whole queue every step, so they never hold a place."""
+        with self._lock:
+            while not self._waiting and not len(batch) and not self._stopping:
+                self._wakeup.wait()
+            cancelled = [request for request in self._waiting if request.cancel.is_set()]
+            if cancelled:
+                self._waiting = deque(request for request in self._waiting if not request.cancel.is_set())
+            if self._stopping:
+                refused, self._waiting = list(self._waiting), deque()
+                self._settle([], [(request, EngineBusy("the server is shutting down")) for request in refused],
+                             locked=True)
+            joining = []
+            while self._waiting and len(batch) + len(joining) < self.max_batch_size:
+                joining.append(self._waiting.popleft())
+            return joining, cancelled, self._stopping
 
     def _leave(self, batch: RunningBatch, pieces: list[tuple[Row, str]]) -> None:
         """Pass on this step's text and let the finished rows go."""
@@ -141,9 +147,11 @@ class GenerationEngine:
         self._settle([], [(row.request, error) for row in rows])
 
     def _settle(self, pieces: list[tuple[GenerationRequest, str]],
-                outcomes: list[tuple[GenerationRequest, Completion | Exception]]) -> None:
+                outcomes: list[tuple[GenerationRequest, Completion | Exception]], locked: bool = False) -> None:
         """Hand text pieces and final outcomes to their event loops: one call per loop, in order."""
-        if outcomes:
+        if outcomes and locked:
+            self._pending -= len(outcomes)
+        elif outcomes:
             with self._lock:
                 self._pending -= len(outcomes)
         by_loop = defaultdict(lambda: ([], []))

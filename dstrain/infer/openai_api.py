@@ -135,6 +135,8 @@ def new_request(prompt, sampling, chat, adapter, http: Request, stream: bool = F
 async def outcome(request: GenerationRequest) -> Completion:
     try:
         return await request.done
+    except EngineBusy as busy:  # shutting down with the request still waiting
+        raise APIError(503, str(busy), type_="server_error", code="shutting_down") from None
     except Exception:  # noqa: BLE001 - generation failed (the engine logged it): a 500 the client can read
         raise internal_error(request.request_id, "generation failed") from None
 

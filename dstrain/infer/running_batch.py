@@ -212,14 +212,17 @@ class RunningBatch:
         if self.cache is None:
             self.rows, self.cache, self.mask, self.next_tokens = list(rows), cache, mask, first.unsqueeze(1)
             return
-        old, new = self.mask.shape[1], mask.shape[1]
-        width = max(old, new)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)], dim=0)
-            mine.values = torch.cat([left_pad(mine.values, width), left_pad(theirs.values, width)], dim=0)
-        self.mask = torch.cat([left_pad(self.mask, width), left_pad(mask, width)], dim=0)
-        self.next_tokens = torch.cat([self.next_tokens, first.unsqueeze(1)], dim=0)
-        self.rows += rows
+        width = max(self.mask.shape[1], mask.shape[1])
+        # Everything new is built before anything is replaced: a failure here (out of memory) leaves the
+        # running batch as it was, and only the joining requests fail.
+        merged = [(torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)], dim=0),
+                   torch.cat([left_pad(mine.values, width), left_pad(theirs.values, width)], dim=0))
+                  for mine, theirs in zip(self.cache.layers, cache.layers)]
+        merged_mask = torch.cat([left_pad(self.mask, width), left_pad(mask, width)], dim=0)
+        merged_next = torch.cat([self.next_tokens, first.unsqueeze(1)], dim=0)
+        for layer, (keys, values) in zip(self.cache.layers, merged):
+            layer.keys, layer.values = keys, values
+        self.mask, self.next_tokens, self.rows = merged_mask, merged_next, self.rows + list(rows)
 
     def _pick(self, logits: torch.Tensor, rows: list[Row], histories: list[torch.Tensor] | None) -> torch.Tensor:
         """Each row's next token under its own settings, in `generate`'s order: repetition penalty, no stop
