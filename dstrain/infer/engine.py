@@ -41,7 +41,7 @@ class GenerationRequest:
 
 
 class GenerationEngine:
-    def __init__(self, loaded: InferenceModel, max_batch_size: int = 8, max_queue: int = 64):
+    def __init__(self, loaded: InferenceModel, max_batch_size: int = 16, max_queue: int = 64):
         check_cache_supported(loaded.model)
         self.loaded, self.max_batch_size, self.max_queue = loaded, max_batch_size, max_queue
         self._waiting: deque[GenerationRequest] = deque()  # accepted, not yet in the batch
