@@ -248,6 +248,28 @@ def test_a_burst_gets_answers_or_clean_429s_and_the_server_lives_on(server, clie
     assert ask(client).choices[0].message.content == REPLIES["base"]
 
 
+@pytest.mark.slow
+def test_concurrent_streams_decode_together(server):
+    """Four streaming clients at once share the decoding steps (the engine's counters over /health), and each
+    streams the reply the model was taught before going on to its length."""
+    async def streams():
+        async with AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120) as aclient:
+            async def one():
+                stream = await aclient.chat.completions.create(
+                    model="chat", messages=chat(("user", QUESTION)), temperature=0, max_tokens=300, stream=True,
+                    extra_body={"ignore_eos": True})
+                return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+            return await asyncio.gather(*[one() for _ in range(4)])
+
+    before = wait_until_idle(server)
+    texts = asyncio.run(streams())
+    after = wait_until_idle(server)
+    assert all(text.startswith(REPLIES["base"]) for text in texts), texts
+    steps, rows = after["steps"] - before["steps"], after["rows_decoded"] - before["rows_decoded"]
+    assert rows == 4 * 299 and rows / steps >= 2, (rows, steps)  # each row's first token comes from its prefill
+
+
 def wait_until_idle(server) -> dict:
     deadline = time.monotonic() + 30
     while (health := httpx.get(f"{server}/health").json())["pending"] and time.monotonic() < deadline:
