@@ -26,7 +26,7 @@ class EngineBusy(Exception):
     """More requests are waiting or running than the engine accepts."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: each is one client's request
 class GenerationRequest:
     prompt: list[int]
     sampling: Sampling

@@ -67,7 +67,7 @@ class IncrementalText:
         return after[len(before):]
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity
 class Row:
     """One request in the running batch."""
     request: object  # engine.GenerationRequest
@@ -192,7 +192,8 @@ class RunningBatch:
         """Drop rows (finished or cancelled) from the batch and the cache; cut all-padding columns."""
         if not leaving:
             return
-        keep = [i for i, row in enumerate(self.rows) if row not in leaving]
+        leaving_ids = {id(row) for row in leaving}
+        keep = [i for i, row in enumerate(self.rows) if id(row) not in leaving_ids]
         if not keep:
             return self.clear()
         index = torch.tensor(keep, device=self.device)
