@@ -232,6 +232,8 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_rendered(app_
     monkeypatch.setattr(api, "chat_prompt_ids", lambda *args: rendered.append(args) or chat_prompt_ids(*args))
     error = openai_error(post(app_client, {"messages": chat(("user", "word " * 5000))}), 400)
     assert error["code"] == "context_length_exceeded" and "characters" in error["message"] and not rendered
+    for refused in ({"max_tokens": 10**6}, {"n": 2}, {"stop": ["x"] * 5}):  # the other checks without tokens
+        assert post(app_client, {"messages": chat(("user", "Hi"))} | refused).status_code == 400 and not rendered
     # Under the byte bound but over the context once tokenized: the exact count, after rendering.
     error = openai_error(post(app_client, {"messages": chat(("user", "word " * 600))}), 400)
     assert error["code"] == "context_length_exceeded" and "tokens" in error["message"] and len(rendered) == 1

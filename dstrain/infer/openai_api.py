@@ -82,13 +82,20 @@ class Server:
                            param="model", code="model_not_found")
         return models[name]
 
-    def sampling_for(self, body: SamplingFields, prompt_tokens: int) -> Sampling:
+    def check_before_rendering(self, body: SamplingFields, prompt_chars: list[int], param: str) -> None:
+        """Every check that needs no tokens, so that a request refused anyway costs no rendering."""
         body.check_supported()
+        body.stops(self.settings.max_stop_length)
+        requested = body.requested_max_tokens()
+        if requested is not None and requested > self.settings.max_tokens_limit:
+            raise APIError(400, f"max_tokens: {requested} is more than this server allows "
+                                f"({self.settings.max_tokens_limit})", param="max_tokens")
+        for size in prompt_chars:
+            self.check_prompt_chars(size, param)
+
+    def sampling_for(self, body: SamplingFields, prompt_tokens: int) -> Sampling:
         settings, context = self.settings, self.engine.loaded.context
         requested = body.requested_max_tokens()
-        if requested is not None and requested > settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens: {requested} is more than this server allows "
-                                f"({settings.max_tokens_limit})", param="max_tokens")
         room = (context - prompt_tokens) if context else settings.max_tokens_limit
         max_new = requested if requested is not None else max(1, min(settings.default_max_tokens, room))
         if (problem := fit_to_context(prompt_tokens, max_new, context)) is not None:
@@ -261,10 +268,8 @@ async def chat_completions(body: ChatCompletionRequest, server: CurrentServer, h
     adapter, tokenizer = server.adapter_for(body.model), server.engine.loaded.tokenizer
     if not has_chat_template(tokenizer):
         raise APIError(400, f"the model {body.model!r} has no chat template: use /v1/completions", param="model")
-    body.check_supported()
-    body.stops(server.settings.max_stop_length)  # the cheap checks before rendering
     messages = body.chat_messages()
-    server.check_prompt_chars(sum(len(str(message["content"])) for message in messages), "messages")
+    server.check_before_rendering(body, [sum(len(str(message["content"])) for message in messages)], "messages")
     prompt = await server.off_loop(render_chat, tokenizer, messages)
     sampling = server.sampling_for(body, len(prompt))
     identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
@@ -293,10 +298,7 @@ async def completions(body: CompletionRequest, server: CurrentServer, http: Requ
         raise APIError(400, "prompt: give a string or a list of strings", param="prompt")
     if body.stream and len(texts) != 1:
         raise APIError(400, "stream takes a single prompt", param="prompt")
-    body.check_supported()
-    body.stops(server.settings.max_stop_length)
-    for text in texts:
-        server.check_prompt_chars(len(text), "prompt")
+    server.check_before_rendering(body, [len(text) for text in texts], "prompt")
     prompts = await server.off_loop(tokenize_texts, tokenizer, texts)
     samplings = [server.sampling_for(body, len(prompt)) for prompt in prompts]
     identity = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
