@@ -5,6 +5,7 @@
     python serve.py --model out/pt --lora chat=out/lora1 --lora code=out/lora2   # models: pt, chat, code
     DSTRAIN_API_KEY=secret python serve.py --model out/sft --host 0.0.0.0       # reachable from other hosts
     python serve.py --model out/pt --lora chat=out/lora1 --backend vllm          # vLLM's server (GPU + vllm)
+    python serve.py --model out/sft --backend sglang --backend_arg=--tp-size=2   # SGLang's, any flag of its own
 
 Any OpenAI client works unchanged:
     from openai import OpenAI
@@ -12,13 +13,16 @@ Any OpenAI client works unchanged:
     client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Hi"}])
 
 Endpoints: POST /v1/chat/completions (stream: true for server-sent events), POST /v1/completions,
-GET /v1/models, GET /health. Requests are batched (--max_batch_size) and at most --max_queue wait or
-run at once; more are answered 429 at once.
+GET /v1/models, GET /health. Requests, streamed or not, join the running batch at every decoding step
+(continuous batching, up to --max_batch_size rows) and at most --max_queue wait or run at once; more are
+answered 429 at once.
 """
 
 import argparse
 import importlib.util
+import logging
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -44,13 +48,19 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api_key", help=f"required as 'Authorization: Bearer KEY' (or set {API_KEY_VARIABLE})")
-    parser.add_argument("--max_batch_size", type=int, default=8, help="requests generated together (1: one at a time)")
+    parser.add_argument("--max_batch_size", type=int, default=16,
+                        help="requests decoding together; others wait for a free row (1: one at a time)")
     parser.add_argument("--max_queue", type=int, default=64, help="requests waiting or running; more get 429")
-    parser.add_argument("--batch_wait_ms", type=float, default=10.0,
-                        help="how long a lone request waits for others to batch with")
     parser.add_argument("--default_max_tokens", type=int, default=256, help="when a chat request sets no max_tokens")
     parser.add_argument("--max_tokens_limit", type=int, default=2048, help="the largest max_tokens accepted")
-    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--max_request_bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    parser.add_argument("--max_stop_length", type=int, default=256,
+                        help="the longest stop string accepted, in characters")
+    parser.add_argument("--backend", choices=["transformers", *EXTERNAL_BACKENDS], default="transformers",
+                        help="vllm and sglang: their own servers (GPU), with the same models, names, port and key")
+    parser.add_argument("--backend_arg", action="append", default=[], metavar="FLAGS",
+                        help="passed to --backend vllm or sglang as it is (repeatable), e.g. "
+                             "--backend_arg=--tensor-parallel-size=2 or --backend_arg='--max-model-len 8192'")
     parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -70,7 +80,13 @@ def parse_lora_flags(flags: list[str]) -> dict[str, str]:
 
 
 def check_settings(args) -> None:
-    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_tokens_limit"):
+    if args.backend_arg and args.backend == "transformers":
+        raise UserError("--backend_arg is for --backend vllm or sglang; "
+                        "the transformers backend takes serve.py's own flags")
+    if args.backend in EXTERNAL_BACKENDS:
+        backend_args(args)  # its errors before any check of packages or GPUs
+    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_tokens_limit", "max_request_bytes",
+                 "max_stop_length"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_queue < args.max_batch_size:
@@ -98,33 +114,103 @@ def served_names(args, loaded) -> dict[str, str | None]:
     return models
 
 
-def vllm_command(args, adapters: dict[str, str]) -> list[str]:
-    """`vllm serve` with the same models, names and address: vLLM's own OpenAI-compatible server."""
+# ===== vLLM and SGLang: their own OpenAI-compatible servers, started in this process's place =====
+
+EXTERNAL_BACKENDS = ("vllm", "sglang")
+# What serve.py's own flags set in the backend's command line: a --backend_arg may not set them again.
+OWN_FLAGS = {"vllm": ("--host", "--port", "--served-model-name", "--api-key", "--lora-modules", "--enable-lora",
+                      "--trust-remote-code"),
+             "sglang": ("--model-path", "--model", "--host", "--port", "--served-model-name", "--api-key",
+                        "--lora-paths", "--enable-lora", "--trust-remote-code")}
+
+
+def backend_args(args) -> list[str]:
+    """Every --backend_arg, split as a shell would; one that repeats what serve.py sets is refused."""
+    extra = []
+    for flag in args.backend_arg:
+        try:
+            extra += shlex.split(flag)
+        except ValueError as error:
+            raise UserError(f"--backend_arg {flag}: {error}") from None
+    for part in extra:
+        name = part.split("=", 1)[0]
+        if name in OWN_FLAGS[args.backend]:
+            raise UserError(f"--backend_arg {part}: set by serve.py itself (use --model, --lora, --host, --port, "
+                            "--served_model_name, --api_key or --trust_remote_code)")
+    return extra
+
+
+def external_models(args, adapters: dict[str, str]) -> tuple[str, str, dict[str, str]]:
+    """(base folder, its served name, adapters by served name): an adapter --model serves under its own name
+    over its base, as the transformers backend does."""
     base, name = args.model, args.served_model_name or Path(args.model).resolve().name
     if is_adapter_folder(args.model):
         base, adapters = args.base or adapter_base(args.model), {name: args.model} | adapters
         name = Path(base).resolve().name
-    command = ["vllm", "serve", base, "--host", args.host, "--port", str(args.port), "--served-model-name", name,
-               "--max-num-seqs", str(args.max_batch_size)]
+    return base, name, adapters
+
+
+def max_lora_rank(adapters: dict[str, str]) -> str:
+    return str(max(getattr(adapter_config(path), "r", 16) for path in adapters.values()))
+
+
+def vllm_command(args, adapters: dict[str, str]) -> list[str]:
+    """`vllm serve` with the same models, names and address. No concurrency cap of ours: vLLM schedules
+    its own batch (--max-num-seqs and the rest go through --backend_arg)."""
+    base, name, adapters = external_models(args, adapters)
+    command = ["vllm", "serve", base, "--host", args.host, "--port", str(args.port), "--served-model-name", name]
     if args.trust_remote_code:
         command.append("--trust-remote-code")
     if adapters:
-        ranks = [getattr(adapter_config(path), "r", 16) for path in adapters.values()]
-        command += ["--enable-lora", "--max-lora-rank", str(max(ranks)),
+        command += ["--enable-lora", "--max-lora-rank", max_lora_rank(adapters),
                     "--lora-modules", *(f"{key}={path}" for key, path in adapters.items())]
-    return command
+    return command + backend_args(args)
 
 
-def run_vllm(args, adapters: dict[str, str], api_key: str | None) -> None:
-    """Hand the process over to vLLM's server, where vLLM and a CUDA GPU are present."""
-    missing = [what for what, ok in (("the vllm package (pip install vllm)", importlib.util.find_spec("vllm")),
-                                     ("a CUDA GPU", torch.cuda.is_available())) if not ok]
-    if missing or shutil.which("vllm") is None:
-        raise UserError(f"--backend vllm needs {' and '.join(missing) or 'the vllm command on PATH'}; "
+def sglang_command(args, adapters: dict[str, str], api_key: str | None) -> list[str]:
+    """SGLang's launch_server with the same models, names, address and key (SGLang reads the key from its
+    flags only). No cap of ours: --max-running-requests, --tp-size, --mem-fraction-static... go through
+    --backend_arg."""
+    base, name, adapters = external_models(args, adapters)
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", base, "--host", args.host,
+               "--port", str(args.port), "--served-model-name", name]
+    if args.trust_remote_code:
+        command.append("--trust-remote-code")
+    if api_key:
+        command += ["--api-key", api_key]
+    if adapters:
+        command += ["--enable-lora", "--max-lora-rank", max_lora_rank(adapters),
+                    "--lora-paths", *(f"{key}={path}" for key, path in adapters.items())]
+    return command + backend_args(args)
+
+
+def missing_for(backend: str) -> list[str]:
+    package = {"vllm": "vllm", "sglang": "sglang"}[backend]
+    missing = [] if importlib.util.find_spec(package) else [f"the {package} package (pip install {package})"]
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    if backend == "vllm" and not missing and shutil.which("vllm") is None:
+        missing.append("the vllm command on PATH")
+    return missing
+
+
+def run_external(args, adapters: dict[str, str], api_key: str | None) -> None:
+    """Hand the process over to vLLM's or SGLang's server, where the package and a CUDA GPU are present."""
+    if (missing := missing_for(args.backend)):
+        raise UserError(f"--backend {args.backend} needs {' and '.join(missing)}; "
                         "use the default --backend transformers here")
-    command = vllm_command(args, adapters)
-    print("Starting vLLM:", " ".join(command), flush=True)
-    env = dict(os.environ, **({"VLLM_API_KEY": api_key} if api_key else {}))  # not in argv, where ps shows it
+    env = dict(os.environ)
+    if args.backend == "vllm":
+        command = vllm_command(args, adapters)
+        if api_key:
+            env["VLLM_API_KEY"] = api_key  # not in argv, where ps shows it
+    else:
+        command = sglang_command(args, adapters, api_key)
+        if api_key:
+            print("warning: SGLang reads its API key from its command line only, where the process list shows it "
+                  "to other users of this machine", file=sys.stderr)
+    shown = ["***" if i and command[i - 1] == "--api-key" else part for i, part in enumerate(command)]
+    print(f"Starting {args.backend}:", " ".join(shlex.quote(part) for part in shown), flush=True)
     os.execvpe(command[0], command, env)
 
 
@@ -135,8 +221,8 @@ def main(argv=None) -> None:
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     adapters = parse_lora_flags(args.lora)
     check_port_free(args.host, args.port)
-    if args.backend == "vllm":
-        return run_vllm(args, adapters, api_key)
+    if args.backend in EXTERNAL_BACKENDS:
+        return run_external(args, adapters, api_key)
 
     # ===== 1. the model, with every adapter over one copy of the base =====
     loaded = load_model_from_args(args, adapters)
@@ -145,16 +231,27 @@ def main(argv=None) -> None:
     # ===== 2. the engine (batching worker) and the HTTP app =====
     import uvicorn  # here, so that argument errors come fast
 
+    # The server's own log (failed requests with their ids and tracebacks) beside uvicorn's, on stderr.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("dstrain").addHandler(handler)
+    logging.getLogger("dstrain").setLevel(args.log_level.upper())
+
     from dstrain.infer.engine import GenerationEngine
     from dstrain.infer.openai_api import ServerSettings, build_app
 
-    engine = GenerationEngine(loaded, args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000).start()
-    app = build_app(engine, ServerSettings(models, api_key, args.default_max_tokens, args.max_tokens_limit))
+    try:
+        engine = GenerationEngine(loaded, args.max_batch_size, args.max_queue).start()
+    except ValueError as error:  # a model the continuous batcher cannot run (sliding-window caches)
+        raise UserError(str(error)) from None
+    app = build_app(engine, ServerSettings(models, api_key, args.default_max_tokens, args.max_tokens_limit,
+                                           args.max_request_bytes, args.max_stop_length))
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without an API key (set --api_key or {API_KEY_VARIABLE})",
               file=sys.stderr)
     print(f"Serving {', '.join(models)} at http://{args.host}:{args.port}/v1 on {loaded.model.device} "
-          f"(batches of up to {args.max_batch_size}, at most {args.max_queue} requests at once)", flush=True)
+          f"(continuous batching of up to {args.max_batch_size} rows, at most {args.max_queue} requests at once)",
+          flush=True)
 
     # ===== 3. serve until Ctrl-C / SIGTERM =====
     try:

@@ -244,48 +244,65 @@ def test_a_burst_gets_answers_or_clean_429s_and_the_server_lives_on(server, clie
     assert all(e.status_code == 429 and e.body["type"] == "rate_limit_error" for e in refused)
     assert long.usage.completion_tokens == 500
     health = httpx.get(f"{server}/health").json()
-    assert health == {"status": "ok", "pending": 0}
+    assert (health["status"], health["pending"]) == ("ok", 0)
     assert ask(client).choices[0].message.content == REPLIES["base"]
 
 
 @pytest.mark.slow
+def test_concurrent_streams_decode_together(server):
+    """Four streaming clients at once share the decoding steps (the engine's counters over /health), and each
+    streams the reply the model was taught before going on to its length."""
+    async def streams():
+        async with AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120) as aclient:
+            async def one():
+                stream = await aclient.chat.completions.create(
+                    model="chat", messages=chat(("user", QUESTION)), temperature=0, max_tokens=300, stream=True,
+                    extra_body={"ignore_eos": True})
+                return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+            return await asyncio.gather(*[one() for _ in range(4)])
+
+    before = wait_until_idle(server)
+    texts = asyncio.run(streams())
+    after = wait_until_idle(server)
+    assert all(text.startswith(REPLIES["base"]) for text in texts), texts
+    steps, rows = after["steps"] - before["steps"], after["rows_decoded"] - before["rows_decoded"]
+    assert rows == 4 * 299 and rows / steps >= 2, (rows, steps)  # each row's first token comes from its prefill
+
+
+def wait_until_idle(server) -> dict:
+    deadline = time.monotonic() + 30
+    while (health := httpx.get(f"{server}/health").json())["pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return health
+
+
+@pytest.mark.slow
 def test_a_client_leaving_mid_stream_leaves_the_server_free(server, client):
-    stream = client.completions.create(model="chat", prompt="The", max_tokens=400, temperature=0, stream=True,
+    before = wait_until_idle(server)["cancelled"]
+    stream = client.completions.create(model="chat", prompt="The", max_tokens=500, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{server}/health").json()["pending"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert httpx.get(f"{server}/health").json()["pending"] == 0
+    health = wait_until_idle(server)
+    assert (health["status"], health["pending"], health["cancelled"]) == ("ok", 0, before + 1)
     assert ask(client).choices[0].message.content == REPLIES["base"]
 
 
-def test_the_engine_stops_generating_once_cancelled(models):
-    """What a client leaving mid-stream triggers: the request's cancel event ends `generate` early."""
-    from dstrain.infer.engine import GenerationEngine, GenerationRequest
-    from dstrain.infer.generation import text_prompt_ids
-    from dstrain.infer.model_loading import load_inference_model
-    from dstrain.infer.sampling import Sampling
-
-    loaded = load_inference_model(str(models["chat"]))
-    engine = GenerationEngine(loaded, max_batch_size=1, max_queue=2).start()
-
-    async def run(cancel_after_first_piece: bool):
-        loop = asyncio.get_running_loop()
-        request = GenerationRequest(text_prompt_ids(loaded.tokenizer, "The"),
-                                    Sampling(max_new_tokens=60, temperature=0, ignore_eos=True), False, None,
-                                    loop, loop.create_future())
-        request.on_text = lambda _text: cancel_after_first_piece and request.cancel.set()
-        engine.submit(request)
-        return await request.done
-
-    try:
-        full, cancelled = asyncio.run(run(False)), asyncio.run(run(True))
-    finally:
-        engine.stop()
-    assert (full.completion_tokens, full.finish_reason) == (60, "length")
-    assert cancelled.completion_tokens < 10 and cancelled.finish_reason == "stop"
+@pytest.mark.slow
+def test_a_client_leaving_before_a_plain_answer_frees_its_row(server, client):
+    """Not streamed: the server notices the closed connection while the row decodes and cancels it."""
+    before = wait_until_idle(server)["cancelled"]
+    body = json.dumps({"model": "chat", "prompt": "The", "max_tokens": 500, "temperature": 0, "ignore_eos": True})
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        while httpx.get(f"{server}/health").json()["pending"] == 0:  # until the engine has it
+            time.sleep(0.005)
+    health = wait_until_idle(server)
+    assert (health["status"], health["pending"], health["cancelled"]) == ("ok", 0, before + 1)
+    assert ask(client).choices[0].message.content == REPLIES["base"]
 
 
 # ----- start-up refusals (in-process: they come before any model loads) -----
@@ -303,25 +320,114 @@ def test_bad_lora_flags_and_busy_port_are_one_line_errors(models, tmp_path):
     assert_clean_error(result, f"cannot listen on 127.0.0.1:{port}")
 
 
-def test_vllm_backend_is_refused_without_vllm_and_a_gpu(models):
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_external_backends_are_refused_without_their_package_and_a_gpu(models, backend):
     import importlib.util
 
     import torch
 
-    if importlib.util.find_spec("vllm") and torch.cuda.is_available():
-        pytest.skip("vLLM and a GPU are present: the refusal does not apply")
-    result = run_main_in_process("serve.py", "--model", models["chat"], "--backend", "vllm", "--port",
-                                 str(free_port()))
-    assert_clean_error(result, "--backend vllm needs")
+    if importlib.util.find_spec(backend) and torch.cuda.is_available():
+        pytest.skip(f"{backend} and a GPU are present: the refusal does not apply")
+    result = run_main_in_process("serve.py", "--model", models["chat"], "--backend", backend, "--port",
+                                 str(free_port()), "--backend_arg=--tensor-parallel-size=2")
+    assert_clean_error(result, f"--backend {backend} needs")
 
 
-def test_vllm_command_serves_the_same_names(models):
+def backend_command(models, backend: str, *flags: str, api_key=None) -> list[str]:
     serve = import_script("serve.py")
     args = serve.make_parser().parse_args(["--model", str(models["chat"]), "--lora", f"pirate={models['pirate']}",
-                                           "--port", "9001"])
-    command = serve.vllm_command(args, serve.parse_lora_flags(args.lora))
+                                           "--port", "9001", "--backend", backend, *flags])
+    adapters = serve.parse_lora_flags(args.lora)
+    return serve.vllm_command(args, adapters) if backend == "vllm" else serve.sglang_command(args, adapters, api_key)
+
+
+def flag_value(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def test_vllm_command_serves_the_same_names_with_no_cap_of_ours(models):
+    command = backend_command(models, "vllm", "--max_batch_size", "4",
+                              "--backend_arg=--tensor-parallel-size=2", "--backend_arg", "--max-model-len 8192")
     assert command[:3] == ["vllm", "serve", str(models["chat"])]
-    assert command[command.index("--served-model-name") + 1] == "chat"
-    assert command[command.index("--lora-modules") + 1] == f"pirate={models['pirate']}"
+    assert (flag_value(command, "--served-model-name"), flag_value(command, "--port")) == ("chat", "9001")
+    assert flag_value(command, "--lora-modules") == f"pirate={models['pirate']}"
     assert json.loads((models["pirate"] / "adapter_config.json").read_text())["r"] <= int(
-        command[command.index("--max-lora-rank") + 1])
+        flag_value(command, "--max-lora-rank"))
+    assert "--max-num-seqs" not in command and "4" not in command  # vLLM schedules its own batch
+    assert command[-3:] == ["--tensor-parallel-size=2", "--max-model-len", "8192"]
+
+
+def test_sglang_command_serves_the_same_names_key_and_passes_flags_through(models):
+    command = backend_command(models, "sglang", "--backend_arg=--tp-size 2", "--backend_arg=--mem-fraction-static=0.8",
+                              api_key="secret")
+    assert command[:3] == [sys.executable, "-m", "sglang.launch_server"]
+    assert (flag_value(command, "--model-path"), flag_value(command, "--served-model-name")) == (
+        str(models["chat"]), "chat")
+    assert (flag_value(command, "--host"), flag_value(command, "--port"), flag_value(command, "--api-key")) == (
+        "127.0.0.1", "9001", "secret")
+    assert flag_value(command, "--lora-paths") == f"pirate={models['pirate']}" and "--enable-lora" in command
+    assert "--max-running-requests" not in command
+    assert command[-3:] == ["--tp-size", "2", "--mem-fraction-static=0.8"]
+    no_key = backend_command(models, "sglang")
+    assert "--api-key" not in no_key
+
+
+def test_an_adapter_model_is_served_under_its_name_over_its_base_by_both_backends(models):
+    serve = import_script("serve.py")
+    for backend in ("vllm", "sglang"):
+        args = serve.make_parser().parse_args(["--model", str(models["terse"]), "--backend", backend])
+        command = serve.vllm_command(args, {}) if backend == "vllm" else serve.sglang_command(args, {}, None)
+        assert str(models["chat"]) in command and f"terse={models['terse']}" in command, command
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--backend", "vllm", "--backend_arg=--port=9"], "--backend_arg --port=9: set by serve.py itself"),
+    (["--backend", "sglang", "--backend_arg", "--api-key x"], "--backend_arg --api-key: set by serve.py itself"),
+    (["--backend_arg=--tp-size=2"], "--backend_arg is for --backend vllm or sglang"),
+    (["--backend", "sglang", "--backend_arg", "'unclosed"], "--backend_arg 'unclosed"),
+], ids=["vllm-port", "sglang-key", "transformers", "bad-quoting"])
+def test_backend_args_that_cannot_work_are_one_line_errors(models, flags, message):
+    result = run_main_in_process("serve.py", "--model", models["chat"], "--port", str(free_port()), *flags)
+    assert_clean_error(result, message)
+
+
+def backend_present(backend: str) -> bool:
+    import importlib.util
+
+    import torch
+
+    return bool(importlib.util.find_spec(backend)) and torch.cuda.is_available()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [
+    pytest.param(name, marks=pytest.mark.skipif(not backend_present(name), reason=f"needs {name} and a CUDA GPU"))
+    for name in ("vllm", "sglang")])
+def test_an_external_backend_serves_the_model_under_its_name_and_key_on_a_gpu(models, backend, tmp_path):
+    """Where the package and a CUDA GPU are present (never on the CPU machines: skipped there): serve.py hands
+    over to the backend's own server, which lists the same model name, wants the same key and answers."""
+    require_slow(f"starts {backend}'s server")
+    port, log = free_port(), tmp_path / "server.log"
+    command = [sys.executable, str(REPO / "serve.py"), "--model", str(models["chat"]), "--port", str(port),
+               "--api_key", KEY, "--backend", backend, "--backend_arg",
+               "--gpu-memory-utilization 0.3" if backend == "vllm" else "--mem-fraction-static 0.3"]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=script_env())
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + 600
+        while True:
+            assert process.poll() is None, f"{backend} exited:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{backend} did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        client = OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+        assert [model.id for model in client.models.list()] == ["chat"]
+        assert isinstance(ask(client, max_tokens=8).choices[0].message.content, str)
+        assert httpx.get(f"{url}/models").status_code == 401
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -1,34 +1,32 @@
-"""The server's generation engine: one worker thread owns the model and runs `generate` on batches of
-queued requests; a bound on waiting + running requests turns overload into a clean "busy" answer.
+"""The server's generation engine: continuous batching on one worker thread that owns the model. Requests,
+streamed or not, join the running batch (dstrain/infer/running_batch.py) between any two decoding steps
+while it has fewer than `max_batch_size` rows, and leave it as soon as they finish or their client goes
+away (the cancel event, seen at the next step). `max_batch_size=1` is one request at a time. A bound on
+waiting + running requests turns overload into a clean "busy" answer.
 
-Why a hand-written queue. transformers' `generate` runs one static batch to completion and the
-model is not thread-safe, so requests that arrive while it runs wait here and the next call takes
-as many compatible ones as `max_batch_size` allows (dynamic batching; `max_batch_size=1` is
-one-at-a-time). Compatible means the same sampling settings and kind of prompt: each row keeps its
-own prompt, max_new_tokens and LoRA adapter (PEFT mixes adapters within one batch). Streamed
-requests run alone: transformers' streamers take one row. transformers' continuous batching
-(paged attention) does not run PEFT adapters, and vLLM (serve.py --backend vllm) is the tool for
-that scale.
+The worker hands results to the event loop once per step (one `call_soon_threadsafe` for every row's text
+piece), never blocking on it; the event loop never touches the model.
 """
 
 import asyncio
-import queue
+import logging
 import threading
-import time
-from collections import deque
-from collections.abc import Callable
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from dstrain.infer.generation import CallbackStreamer, Completion, generate_batch, stop_token_ids
+from dstrain.infer.generation import Completion, stop_token_ids
 from dstrain.infer.model_loading import InferenceModel
+from dstrain.infer.running_batch import Row, RunningBatch, check_cache_supported, new_row
 from dstrain.infer.sampling import Sampling
+
+log = logging.getLogger("dstrain.serve")
 
 
 class EngineBusy(Exception):
     """More requests are waiting or running than the engine accepts."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: each is one client's request
 class GenerationRequest:
     prompt: list[int]
     sampling: Sampling
@@ -36,33 +34,38 @@ class GenerationRequest:
     adapter: str | None  # a PEFT adapter name, BASE_ADAPTER, or None for a model without adapters
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future  # resolves with a Completion (or the exception generation raised)
-    on_text: Callable[[str], None] | None = None  # streaming: each piece of text, called in the worker
+    pieces: asyncio.Queue | None = None  # streaming: text pieces (stop strings cut), then None at the end
     cancel: threading.Event = field(default_factory=threading.Event)  # set when the client is gone
+    request_id: str = ""  # for the server's log
     images: list = field(default_factory=list)  # an image-text model's images (PIL), in image-token order
-
-    def batch_key(self) -> tuple:
-        return (self.sampling.batch_key(), self.chat, self.on_text is not None)
+    joined_running: int | None = None  # how many rows were decoding when this one joined (set by the engine)
 
 
 class GenerationEngine:
-    def __init__(self, loaded: InferenceModel, max_batch_size: int = 8, max_queue: int = 64,
-                 batch_wait_s: float = 0.01):
-        self.loaded, self.max_batch_size, self.max_queue, self.batch_wait_s = (loaded, max_batch_size, max_queue,
-                                                                               batch_wait_s)
-        self._incoming: queue.Queue = queue.Queue()
-        self._held: deque[GenerationRequest] = deque()  # taken from the queue but not batchable yet
+    def __init__(self, loaded: InferenceModel, max_batch_size: int = 16, max_queue: int = 64):
+        check_cache_supported(loaded.model)
+        self.loaded, self.max_batch_size, self.max_queue = loaded, max_batch_size, max_queue
+        self._waiting: deque[GenerationRequest] = deque()  # accepted, not yet in the batch
         self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)  # a request arrived, or stop() was called
+        self._stopping = False
         self._pending = 0  # accepted and not finished: waiting or running
         self._stop_ids = {chat: stop_token_ids(loaded.model, loaded.tokenizer, chat) for chat in (True, False)}
         self._worker = threading.Thread(target=self._work, name="generation", daemon=True)
-        self.batches_run = 0
+        self.steps_run = 0  # decoding steps (prefills not counted)
+        self.rows_decoded = 0  # the sum of the rows of every step: / steps_run is the mean batch
+        self.largest_batch = 0  # the most rows that decoded together (tests read it)
+        self.cancelled = 0  # requests ended because their client went away (/health reports it)
 
     def start(self) -> "GenerationEngine":
         self._worker.start()
         return self
 
     def stop(self) -> None:
-        self._incoming.put(None)
+        """Admit nothing more, finish the running rows; requests still waiting are refused."""
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify()
         self._worker.join(timeout=30)
 
     @property
@@ -76,73 +79,106 @@ class GenerationEngine:
                 raise EngineBusy(f"the server is busy: {self._pending} requests are waiting or running "
                                  f"(at most {self.max_queue}); retry shortly")
             self._pending += len(requests)
-        for request in requests:
-            self._incoming.put(request)
+            self._waiting.extend(requests)
+            self._wakeup.notify()
 
     # ----- the worker thread -----
 
     def _work(self) -> None:
-        while (first := self._held.popleft() if self._held else self._incoming.get()) is not None:
-            batch = self._gather(first)
-            live = [request for request in batch if not request.cancel.is_set()]
-            self._finish_cancelled([request for request in batch if request.cancel.is_set()])
-            if live:
-                self._run(live)
-
-    def _gather(self, first: GenerationRequest) -> list[GenerationRequest]:
-        """`first` plus the compatible requests already held or arriving within batch_wait_s."""
-        batch, key = [first], first.batch_key()
-        if first.on_text is not None or self.max_batch_size == 1:
-            return batch
-        for request in list(self._held):
-            if len(batch) < self.max_batch_size and request.batch_key() == key:
-                self._held.remove(request)
-                batch.append(request)
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.max_batch_size:
+        batch, stopping = RunningBatch(self.loaded), False
+        while not stopping or len(batch):
+            joining, cancelled, stopping = self._take_new(batch)
+            self._settle([], [(request, Completion("", len(request.prompt), 0, "stop")) for request in cancelled])
+            joining = [new_row(self.loaded, request, self._stop_ids[request.chat]) for request in joining]
+            pieces: list[tuple[Row, str]] = []
+            if joining:
+                for row in joining:
+                    row.request.joined_running = len(batch)
+                try:
+                    pieces += batch.admit(joining)
+                except Exception as error:  # noqa: BLE001 - each joining request answers 500; the others go on
+                    self._fail(joining, error)
+            gone = [row for row in batch.rows if row.request.cancel.is_set() and row.finish is None]
+            for row in gone:
+                row.finish = "stop"
+            self.cancelled += len(gone) + len(cancelled)
+            self._leave(batch, pieces)
+            if not len(batch):
+                continue
             try:
-                request = self._incoming.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if request is None:  # stop: finish this batch first
-                self._incoming.put(None)
-                break
-            (batch if request.batch_key() == key else self._held).append(request)
-        return batch
+                pieces = batch.step()
+            except Exception as error:  # noqa: BLE001 - the batch's cache is unusable: every row answers 500
+                rows = batch.rows
+                batch.clear()
+                self._fail(rows, error)
+                continue
+            self.steps_run += 1
+            self.rows_decoded += len(pieces)
+            self.largest_batch = max(self.largest_batch, len(batch))
+            self._leave(batch, pieces)
 
-    def _run(self, batch: list[GenerationRequest]) -> None:
-        head = batch[0]
-        streamer = CallbackStreamer(self.loaded.tokenizer, head.on_text) if head.on_text else None
-        adapters = [request.adapter for request in batch] if self.loaded.has_adapters else None
-        try:
-            completions = generate_batch(self.loaded, [request.prompt for request in batch], head.sampling,
-                                         self._stop_ids[head.chat],
-                                         max_new_tokens=[request.sampling.max_new_tokens for request in batch],
-                                         adapter_names=adapters, streamer=streamer,
-                                         cancel=head.cancel if len(batch) == 1 else None,
-                                         images=[request.images for request in batch])
-        except Exception as error:  # noqa: BLE001 - handed to each waiting request, which answers 500
-            for request in batch:
-                self._resolve(request, error)
-        else:
-            self.batches_run += 1
-            for request, completion in zip(batch, completions):
-                self._resolve(request, completion)
-
-    def _finish_cancelled(self, requests: list[GenerationRequest]) -> None:
-        for request in requests:
-            self._resolve(request, Completion("", len(request.prompt), 0, "stop"))
-
-    def _resolve(self, request: GenerationRequest, outcome) -> None:
+    def _take_new(self, batch: RunningBatch) -> tuple[list[GenerationRequest], list[GenerationRequest], bool]:
+        """(requests for the free rows, waiting requests whose client has gone, stopping). Blocks only while
+        nothing runs. Gone clients are dropped from the whole queue every step, so they never hold a place."""
         with self._lock:
-            self._pending -= 1
+            while not self._waiting and not len(batch) and not self._stopping:
+                self._wakeup.wait()
+            cancelled = [request for request in self._waiting if request.cancel.is_set()]
+            if cancelled:
+                self._waiting = deque(request for request in self._waiting if not request.cancel.is_set())
+            if self._stopping:
+                refused, self._waiting = list(self._waiting), deque()
+                self._settle([], [(request, EngineBusy("the server is shutting down")) for request in refused],
+                             locked=True)
+            joining = []
+            while self._waiting and len(batch) + len(joining) < self.max_batch_size:
+                joining.append(self._waiting.popleft())
+            return joining, cancelled, self._stopping
 
-        def settle():
-            if request.done.done():  # the waiting coroutine was cancelled
-                return
-            if isinstance(outcome, BaseException):
-                request.done.set_exception(outcome)
-            else:
-                request.done.set_result(outcome)
+    def _leave(self, batch: RunningBatch, pieces: list[tuple[Row, str]]) -> None:
+        """Pass on this step's text and let the finished rows go."""
+        finished = batch.finished()
+        batch.remove(finished)
+        self._settle([(row.request, piece) for row, piece in pieces if piece],
+                     [(row.request, row.completion(self.loaded.tokenizer)) for row in finished])
 
-        request.loop.call_soon_threadsafe(settle)
+    def _fail(self, rows: list[Row], error: Exception) -> None:
+        for row in rows:
+            log.error("request %s: generation failed", row.request.request_id, exc_info=error)
+        self._settle([], [(row.request, error) for row in rows])
+
+    def _settle(self, pieces: list[tuple[GenerationRequest, str]],
+                outcomes: list[tuple[GenerationRequest, Completion | Exception]], locked: bool = False) -> None:
+        """Hand text pieces and final outcomes to their event loops: one call per loop, in order."""
+        if outcomes and locked:
+            self._pending -= len(outcomes)
+        elif outcomes:
+            with self._lock:
+                self._pending -= len(outcomes)
+        by_loop = defaultdict(lambda: ([], []))
+        for request, piece in pieces:
+            by_loop[request.loop][0].append((request, piece))
+        for request, outcome in outcomes:
+            by_loop[request.loop][1].append((request, outcome))
+        for loop, (loop_pieces, loop_outcomes) in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, loop_pieces, loop_outcomes)
+            except RuntimeError:  # that loop is closed: nobody waits for these any more
+                pass
+
+
+def deliver(pieces: list[tuple[GenerationRequest, str]],
+            outcomes: list[tuple[GenerationRequest, Completion | Exception]]) -> None:
+    """In the event loop: queue the streamed pieces, end the streams, resolve the futures."""
+    for request, piece in pieces:
+        if request.pieces is not None:
+            request.pieces.put_nowait(piece)
+    for request, outcome in outcomes:
+        if request.pieces is not None:
+            request.pieces.put_nowait(None)
+        if request.done.done():  # the waiting coroutine was cancelled
+            continue
+        if isinstance(outcome, BaseException):
+            request.done.set_exception(outcome)
+        else:
+            request.done.set_result(outcome)

@@ -50,32 +50,60 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int  # generated tokens, the stop token included
     finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens reached)
+    token_ids: list[int] | None = None  # the generated ids, where the caller kept them (the server's engine)
 
 
 class StopTextFilter:
-    """Cuts text at the first stop string and, while streaming, holds back text that may be the start
-    of one. Hand-written because transformers' `stop_strings` only ends generation: the stop text
-    stays in the output, and a streamer has already passed it on."""
+    """Cuts text at the first stop string to be completed and, while streaming, holds back text that may be the
+    start of one. Hand-written because transformers' `stop_strings` only ends generation: the stop text
+    stays in the output, and a streamer has already passed it on. Each stop string is matched with a
+    Knuth-Morris-Pratt automaton, so a piece costs time in its own length whatever the stop strings' length
+    (looking for every held-back prefix again cost the square of it: 0.4 ms a piece at 256 characters)."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops, self.pending, self.stopped = stops, "", False
+        self._fallback = [prefix_function(stop) for stop in stops]
+        self._matched = [0] * len(stops)  # per stop: how many of its first characters end the text so far
 
     def feed(self, text: str) -> str:
         if self.stopped or not self.stops:
             return "" if self.stopped else text
+        start = len(self.pending)
         self.pending += text
-        found = [self.pending.find(stop) for stop in self.stops if stop in self.pending]
-        if found:
-            self.stopped = True
-            return self.pending[:min(found)]
-        hold = max((n for stop in self.stops for n in range(len(stop) - 1, 0, -1)
-                    if self.pending.endswith(stop[:n])), default=0)
+        matched = self._matched
+        for offset, char in enumerate(text):
+            completed = 0  # the longest stop string ending at this character: it starts first
+            for k, stop in enumerate(self.stops):
+                state, fallback = matched[k], self._fallback[k]
+                while state and stop[state] != char:
+                    state = fallback[state - 1]
+                if stop[state] == char:
+                    state += 1
+                if state == len(stop):
+                    completed = max(completed, state)
+                    state = fallback[state - 1]
+                matched[k] = state
+            if completed:
+                self.stopped = True
+                return self.pending[:start + offset + 1 - completed]
+        hold = max(matched)
         released, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return released
 
     def flush(self) -> str:
         released, self.pending = ("" if self.stopped else self.pending), ""
         return released
+
+
+def prefix_function(text: str) -> list[int]:
+    """For each prefix of `text`, the length of its longest proper prefix that is also its suffix."""
+    table = [0] * len(text)
+    for i in range(1, len(text)):
+        state = table[i - 1]
+        while state and text[i] != text[state]:
+            state = table[state - 1]
+        table[i] = state + (text[i] == text[state])
+    return table
 
 
 class CallbackStreamer(TextStreamer):

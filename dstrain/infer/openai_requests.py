@@ -35,6 +35,8 @@ def validation_error(error: RequestValidationError) -> APIError:
 
 # ===== requests =====
 
+MAX_STOP_STRINGS = 4
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -92,10 +94,15 @@ class SamplingFields(BaseModel):
         if self.n != 1:
             raise APIError(400, f"n: only 1 choice per request is supported, got {self.n}", param="n")
 
-    def stops(self) -> tuple[str, ...]:
+    def stops(self, max_length: int = 256) -> tuple[str, ...]:
+        """At most 4 non-empty strings (OpenAI's bound) of at most `max_length` characters each: the text
+        held back while streaming, and the work of looking for them, grow with their length."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
+        if len(stops) > MAX_STOP_STRINGS or not all(stops):
+            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+        if (longest := max(map(len, stops), default=0)) > max_length:
+            raise APIError(400, f"stop: a stop string of {longest} characters is longer than this server allows "
+                                f"({max_length})", param="stop")
         return tuple(stops)
 
     def requested_max_tokens(self) -> int | None:
@@ -105,6 +112,11 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+    def chat_messages(self) -> list[dict]:
+        """The conversation as the chat template renders it: the one place an OpenAI request's messages
+        become the engine's input."""
+        return [{"role": message.role, "content": message.text()} for message in self.messages]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
