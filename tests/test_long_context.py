@@ -104,50 +104,73 @@ def test_sequence_parallel_resumes_with_the_same_size_and_refuses_another(sp_run
         assert continued[step]["grad_norm"] == pytest.approx(full[step]["grad_norm"], abs=TOLERANCE), step
 
 
-def sft_flags(base_model, chat_file, output_dir, size):
-    return ["--deepspeed", REPO / "ds_configs/zero2.json", "--model_name_or_path", base_model,
+SFT_MAX_GRAD_NORM = 1.2  # the packed SFT runs' grad norms straddle it (1.0 to 1.45 unclipped)
+
+
+def sft_flags(base_model, chat_file, output_dir, size, config="zero2"):
+    return ["--deepspeed", REPO / f"ds_configs/{config}.json", "--model_name_or_path", base_model,
             "--train_files", chat_file, "--max_length", "128", "--packing", "true", "--drop_too_long", "true",
             "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--max_steps", str(STEPS),
-            "--max_grad_norm", str(MAX_GRAD_NORM), "--logging_steps", "1", "--save_steps", "100",
+            "--max_grad_norm", str(SFT_MAX_GRAD_NORM), "--logging_steps", "1", "--save_steps", "100",
             "--report_to", "none", "--validation_split_percentage", "5", "--output_dir", output_dir,
             "--data_cache_dir", output_dir.parent / "cache", "--gradient_checkpointing", "--seed", "3",
             "--attn_implementation", "sdpa", "--sequence_parallel_size", str(size)]
 
 
+@pytest.fixture(scope="module")
+def packed_sft_runs(tmp_path_factory, base_model, chat_file):
+    """Packed SFT on 1 rank (the reference), and split across 2 ranks under ZeRO-2 and under ZeRO-3 (whose
+    reduce-scatter scales the SP gradient differently: `gradient_share`)."""
+    root = tmp_path_factory.mktemp("packed_sft")
+    runs = {}
+    for name, ranks, config, size in (("reference", 1, "zero2", 1), ("zero2", 2, "zero2", 2), ("zero3", 2, "zero3", 2)):
+        result = run_deepspeed("sft.py", *sft_flags(base_model, chat_file, root / name, size, config), ranks=ranks)
+        assert_succeeded(result)
+        runs[name] = root / name
+    return runs
+
+
 @pytest.mark.slow
-def test_packed_sft_with_sequence_parallelism_matches_one_rank(tmp_path, base_model, chat_file):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_packed_sft_with_sequence_parallelism_matches_one_rank(packed_sft_runs, stage):
     """Packed SFT rows (several conversations each, their attention kept apart by the position_ids) split
     across 2 ranks, with activation checkpointing: the 1-rank run's losses and grad norms."""
-    runs = {}
-    for name, ranks, size in (("reference", 1, 1), ("split", 2, 2)):
-        result = run_deepspeed("sft.py", *sft_flags(base_model, chat_file, tmp_path / name, size), ranks=ranks)
-        assert_succeeded(result)
-        runs[name] = log_entries(tmp_path / name)
-    reference, split = runs["reference"], runs["split"]
+    reference, split = log_entries(packed_sft_runs["reference"]), log_entries(packed_sft_runs[stage])
     assert_same_steps(reference, split)
     assert len({round(entry["loss"], 3) for entry in reference.values()}) == STEPS
+    norms = [entry["grad_norm"] for entry in reference.values()]
+    assert min(norms) < SFT_MAX_GRAD_NORM < max(norms), norms  # clipping acted on some steps, not all
     # Evaluation is not split (DeepSpeed's disable_in_eval): each rank scores its own share of the validation
     # rows, as in any 2-rank run, so its loss is averaged over other batches than the 1-rank run's.
-    assert "eval_loss" in json.loads((tmp_path / "split" / "eval_results.json").read_text())
+    assert "eval_loss" in json.loads((packed_sft_runs[stage] / "eval_results.json").read_text())
+    assert (packed_sft_runs[stage] / "model.safetensors").is_file()  # under ZeRO-3: gathered from the shards
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
+    """LoRA continued pretraining on 1 rank (the reference), and split across 2 ranks under ZeRO-2 and ZeRO-3."""
+    root = tmp_path_factory.mktemp("lora_sp")
+    runs = {}
+    for name, ranks, config, size in (("reference", 1, "zero2", 1), ("zero2", 2, "zero2", 2), ("zero3", 2, "zero3", 2)):
+        flags = sp_flags(base_model, docs_corpus, root / name, cache_dir, sequence_parallel_size=size,
+                         max_grad_norm=0.18, save_steps=100, validation_split_percentage=0)
+        result = run_deepspeed("lora.py", "--deepspeed", REPO / f"ds_configs/{config}.json", *flags, "--stage",
+                               "pretrain", "--lora_r", "8", "--lora_dropout", "0", ranks=ranks)
+        assert_succeeded(result)
+        runs[name] = root / name
+    return runs
 
 
 @pytest.mark.slow
-def test_lora_with_sequence_parallelism_matches_one_rank(tmp_path, base_model, docs_corpus, cache_dir):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_lora_with_sequence_parallelism_matches_one_rank(lora_runs, stage):
     """LoRA adapters over the frozen tiny model (PEFT wraps it; Ulysses must still find its attention),
     continued pretraining on blocks split across 2 ranks: the 1-rank run's losses and grad norms."""
-    runs = {}
-    for name, ranks, size in (("reference", 1, 1), ("split", 2, 2)):
-        flags = sp_flags(base_model, docs_corpus, tmp_path / name, cache_dir, sequence_parallel_size=size,
-                         max_grad_norm=0.18, save_steps=100, validation_split_percentage=0)
-        result = run_deepspeed("lora.py", "--deepspeed", REPO / "ds_configs/zero2.json", *flags, "--stage", "pretrain",
-                               "--lora_r", "8", "--lora_dropout", "0", ranks=ranks)
-        assert_succeeded(result)
-        runs[name] = log_entries(tmp_path / name)
-    reference, split = runs["reference"], runs["split"]
+    reference, split = log_entries(lora_runs["reference"]), log_entries(lora_runs[stage])
     assert_same_steps(reference, split)
     norms = [entry["grad_norm"] for entry in reference.values()]
     assert min(norms) < 0.18 < max(norms), norms  # clipping acted on some steps, not all
-    assert (tmp_path / "split" / "adapter_model.safetensors").is_file()
+    assert (lora_runs[stage] / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
