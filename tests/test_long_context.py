@@ -16,7 +16,8 @@ from dstrain.errors import UserError
 from dstrain.model.loading import choose_block_size, model_config_for
 from dstrain.train import sequence_parallel
 from dstrain.train.resume import plan_resume
-from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process, train_flags
+from tests.helpers import (REPO, assert_clean_error, assert_succeeded, import_script, run_deepspeed,
+                           run_main_in_process, train_flags)
 
 STEPS, SAVE_AT = 6, 3
 MAX_GRAD_NORM = 1.0  # the runs' grad norms straddle it: clipping acts on some steps and not on others
@@ -50,22 +51,24 @@ def assert_same_steps(reference: dict[int, dict], split: dict[int, dict]) -> Non
 @pytest.fixture(scope="module")
 def sp_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
     """One rank without sequence parallelism (the reference), and two ranks splitting every sequence
-    in two (one SP group, no data parallelism) under ZeRO-2 and ZeRO-3: the same weights, data, batches
-    and steps."""
+    in two (one SP group, no data parallelism) under ZeRO-2 and ZeRO-3, and under ZeRO-3 with ALST's
+    tiled MLP (dstrain/train/tiled_compute.py): the same weights, data, batches and steps."""
     root = tmp_path_factory.mktemp("longctx")
     runs = {}
-    for name, ranks, config, size in (("reference", 1, "zero2", 1), ("zero2", 2, "zero2", 2), ("zero3", 2, "zero3", 2)):
+    for name, ranks, config, size, tiled in (("reference", 1, "zero2", 1, False), ("zero2", 2, "zero2", 2, False),
+                                             ("zero3", 2, "zero3", 2, False), ("zero3_tiled", 2, "zero3", 2, True)):
         output_dir = root / name
         result = run_deepspeed("pretrain.py", "--deepspeed", REPO / f"ds_configs/{config}.json",
-                               *sp_flags(base_model, docs_corpus, output_dir, cache_dir,
-                                         sequence_parallel_size=size), ranks=ranks)
+                               *sp_flags(base_model, docs_corpus, output_dir, cache_dir, sequence_parallel_size=size,
+                                         tiled_mlp=tiled), ranks=ranks)
         assert_succeeded(result)
         runs[name] = output_dir
+        (output_dir / "stdout.txt").write_text(result.stdout)
     return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_tiled"])
 def test_sequence_parallel_matches_one_rank_losses_and_grad_norms(sp_runs, stage):
     reference, split = log_entries(sp_runs["reference"]), log_entries(sp_runs[stage])
     assert_same_steps(reference, split)
@@ -77,6 +80,10 @@ def test_sequence_parallel_matches_one_rank_losses_and_grad_norms(sp_runs, stage
     assert split[STEPS]["samples_per_second"] == pytest.approx(
         split[STEPS]["tokens_per_second"] / 64, rel=1e-6)  # a sequence counted once, not once per rank
     assert (sp_runs[stage] / "model.safetensors").is_file()
+    # The tiled run did tile: every rank's 32-token slice in 2 shards (ALST's rule gives at least 2); under ZeRO-3
+    # both ranks must call the projections as often as each other, or their parameter gathers would not match.
+    tiled = "--tiled_mlp: 2 MLP blocks in 2 shards of up to 16 tokens" in (sp_runs[stage] / "stdout.txt").read_text()
+    assert tiled == stage.endswith("tiled")
 
 
 @pytest.mark.slow
@@ -276,6 +283,37 @@ def test_packed_sdpa_keeps_conversations_apart_like_transformers():
     causal, _ = sdpa_attention_forward(module, query, key, value, None)
     torch.testing.assert_close(plain, causal)
     assert not torch.allclose(ours, plain)
+
+
+# ===== the GPU benchmark's search (bench/long_context.py), without a GPU =====
+
+@pytest.mark.parametrize("fits_up_to, start, want", [(37_000, 4096, (36_864, False)),  # doubling, then bisection
+                                                     (3_000, 4096, (2_048, False)),  # even the start is too long
+                                                     (500, 4096, (0, False)),  # nothing fits
+                                                     (10**9, 4096, (262_144, True))])  # the limit, capped
+def test_benchmark_finds_the_longest_length_that_fits(fits_up_to, start, want):
+    """A stand-in for "a short run at this length trains": the doubling-then-bisection search finds the
+    longest multiple of the quantum that fits, never tries a length twice, and stays at or under the limit."""
+    bench = import_script("bench/long_context.py")
+    tried = []
+
+    def fits(length):
+        tried.append(length)
+        return length <= fits_up_to
+
+    assert bench.longest_that_fits(fits, start, 262_144, 1024) == want
+    assert len(tried) == len(set(tried)) and max(tried) <= 262_144
+    assert all(length % 1024 == 0 for length in tried)
+    if fits_up_to == 37_000:
+        assert tried[:5] == [4096, 8192, 16384, 32768, 65536] and len(tried) <= 5 + 5  # log2(32768 / 1024) bisections
+
+
+def test_benchmark_stops_in_one_line_without_a_gpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    monkeypatch.setattr("sys.argv", ["bench/long_context.py", "--configs", "1gpu"])
+    with pytest.raises(SystemExit, match="^error: bench/long_context.py needs CUDA GPUs and found none: [^\n]*$"):
+        import_script("bench/long_context.py").main()  # before any trial, tokenizer or corpus is made
 
 
 # ===== context extension =====
