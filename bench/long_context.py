@@ -1,7 +1,7 @@
 """The longest sequence that trains, and its tokens/s: the llama-1b preset (~1B, TinyLlama's shape) on one
-GPU and on every GPU of the node, with and without sequence parallelism and ALST's tiled MLP.
+GPU and on every GPU of the node, with and without sequence parallelism and ALST's tiled MLP and loss.
 
-    python bench/long_context.py                          # every GPU of this node; about an hour on 8 GPUs
+    python bench/long_context.py                          # 1 GPU and every GPU of this node
     python bench/long_context.py --configs 1gpu 1gpu_tiled --start 8192 --limit 262144
     python bench/long_context.py --train_files corpus/*.jsonl --attn_implementation flash_attention_2
 
@@ -17,10 +17,10 @@ and speed do not depend on what the positions mean.
 
 Configurations (N = every GPU of the node):
     1gpu            1 GPU, whole sequences
-    1gpu_tiled      1 GPU, --tiled_mlp
-    Ngpu_dp         N GPUs, data parallel (each GPU holds whole sequences: the 1-GPU limit, N x tokens/s)
+    1gpu_tiled      1 GPU, --tiled_mlp --tiled_loss
+    Ngpu_dp         N GPUs, data parallel (whole sequences per GPU; ZeRO-3 shards the model over N)
     Ngpu_sp         N GPUs, --sequence_parallel_size N (each GPU holds 1/N of every sequence)
-    Ngpu_sp_tiled   the same with --tiled_mlp
+    Ngpu_sp_tiled   the same with --tiled_mlp --tiled_loss
 Needs CUDA GPUs: without one it stops at once with one line.
 """
 
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 OUT_OF_MEMORY = ("out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
 
-CONFIGS = {  # name: (GPUs: 1 or all, sequence-parallel size: 1 or all, tiled MLP)
+CONFIGS = {  # name: (GPUs: one or all, sequence-parallel over all of them, tiled MLP and loss)
     "1gpu": ("one", False, False),
     "1gpu_tiled": ("one", False, True),
     "Ngpu_dp": ("all", False, False),
@@ -99,7 +99,7 @@ class Trials:
         out = self.work / f"g{gpus}_sp{sp}_t{int(tiled)}_{length}"
         command = [self.deepspeed, "--num_gpus", str(gpus), "--master_port", str(free_port()), "pretrain.py",
                    "--deepspeed", "ds_configs/zero3.json", "--tokenizer_name", str(self.tokenizer),
-                   "--config_name", "llama-1b", "--pad_vocab_size_to_multiple_of", "32000",
+                   "--config_name", self.args.config_name, "--pad_vocab_size_to_multiple_of", "32000",
                    "--max_position_embeddings", str(max(length, 4096)), "--block_size", str(length),
                    "--train_files", *self.files, "--data_cache_dir", str(self.work / "cache"),
                    "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
@@ -108,7 +108,7 @@ class Trials:
                    "--activation_checkpointing", "--attn_implementation", self.args.attn_implementation,
                    "--sequence_parallel_size", str(sp), "--report_to", "none", "--output_dir", str(out)]
         if tiled:
-            command.append("--tiled_mlp")
+            command += ["--tiled_mlp", "--tiled_loss"]
         env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
         try:
             result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
@@ -134,6 +134,7 @@ class Trials:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--config_name", default="llama-1b", help="the model preset (configs/models/)")
     parser.add_argument("--train_files", nargs="*", help="default: Python's documentation, repeated")
     parser.add_argument("--start", type=int, default=4096, help="first length tried (doubled while it trains)")
     parser.add_argument("--limit", type=int, default=1 << 20, help="longest length tried")
@@ -183,7 +184,7 @@ def main() -> None:
             metrics = results.get(longest) or {}
             rows.append((name.replace("N", str(gpus), 1), ranks, sp, tiled, longest, capped, metrics))
 
-    print(f"\nllama-1b, ZeRO-3, bf16, activation checkpointing, {args.attn_implementation}, 1 sequence per GPU")
+    print(f"\n{args.config_name}, ZeRO-3, bf16, activation checkpointing, {args.attn_implementation}, 1 sequence per GPU")
     print(f"{'config':<14} {'GPUs':>4} {'SP':>3} {'tiled':>5} {'max length':>12} {'tokens/s':>10} {'peak GiB':>9}")
     for name, ranks, sp, tiled, longest, capped, metrics in rows:
         length = f"{'>=' if capped else ''}{longest:,}"

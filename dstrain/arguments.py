@@ -312,6 +312,11 @@ class TrainingArguments(transformers.TrainingArguments):
                                          "the sequence in shards and recomputes them in backward, so its intermediate "
                                          "activations are held for one shard only (pretrain.py, sft.py, lora.py)."}
     )
+    tiled_loss: bool = field(
+        default=False, metadata={"help": "ALST's tiled loss (dstrain/train/tiled_compute.py): the output head's logits "
+                                         "and the loss in shards of the sequence, never the whole sequence's logits "
+                                         "at once (pretrain.py, sft.py, lora.py)."}
+    )
     tiled_mlp_shards: int | None = field(
         default=None, metadata={"help": "Shards per sequence for --tiled_mlp (default: the longest row, per rank, in "
                                         "tiles of about hidden_size tokens, as ALST does; at least 2)."}
@@ -494,9 +499,9 @@ def refuse_sequence_parallel(args) -> None:
     if getattr(args, "sequence_parallel_size", 1) > 1:
         raise UserError("--sequence_parallel_size: reward.py, dpo.py and grpo.py score whole sequences and cannot "
                         "split them across ranks; it is for pretrain.py, sft.py and lora.py")
-    if getattr(args, "tiled_mlp", False):  # wired into train_save_evaluate, which these scripts do not use
-        raise UserError("--tiled_mlp is for pretrain.py, sft.py and lora.py (reward.py, dpo.py and grpo.py build "
-                        "their trainers through TRL)")
+    if getattr(args, "tiled_mlp", False) or getattr(args, "tiled_loss", False):  # wired into train_save_evaluate
+        raise UserError("--tiled_mlp and --tiled_loss are for pretrain.py, sft.py and lora.py (reward.py, dpo.py and "
+                        "grpo.py compute their losses through TRL)")
 
 
 @dataclass

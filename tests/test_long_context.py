@@ -29,7 +29,8 @@ def sp_flags(base_model, corpus, output_dir, cache_dir, **overrides):
     random weights differently, start from the same weights); block 64 = 2 x 32 tokens per rank; its
     4 heads and 2 key/value heads split by 2."""
     flags = train_flags(base_model, corpus, output_dir, cache_dir, **({"max_steps": STEPS, "save_steps": SAVE_AT,
-                        "max_grad_norm": MAX_GRAD_NORM, "attn_implementation": "sdpa"} | overrides))
+                        "max_grad_norm": MAX_GRAD_NORM, "attn_implementation": "sdpa",
+                        "peak_tflops": 1} | overrides))  # any peak: MFU is logged and compared per token
     at = flags.index("--config_name")
     return flags[:at] + ["--model_name_or_path", str(base_model)] + flags[at + 2:]
 
@@ -52,7 +53,7 @@ def assert_same_steps(reference: dict[int, dict], split: dict[int, dict]) -> Non
 def sp_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
     """One rank without sequence parallelism (the reference), and two ranks splitting every sequence
     in two (one SP group, no data parallelism) under ZeRO-2 and ZeRO-3, and under ZeRO-3 with ALST's
-    tiled MLP (dstrain/train/tiled_compute.py): the same weights, data, batches and steps."""
+    tiled MLP and tiled loss (dstrain/train/tiled_compute.py): the same weights, data, batches and steps."""
     root = tmp_path_factory.mktemp("longctx")
     runs = {}
     for name, ranks, config, size, tiled in (("reference", 1, "zero2", 1, False), ("zero2", 2, "zero2", 2, False),
@@ -60,7 +61,7 @@ def sp_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
         output_dir = root / name
         result = run_deepspeed("pretrain.py", "--deepspeed", REPO / f"ds_configs/{config}.json",
                                *sp_flags(base_model, docs_corpus, output_dir, cache_dir, sequence_parallel_size=size,
-                                         tiled_mlp=tiled), ranks=ranks)
+                                         tiled_mlp=tiled, tiled_loss=tiled), ranks=ranks)
         assert_succeeded(result)
         runs[name] = output_dir
         (output_dir / "stdout.txt").write_text(result.stdout)
@@ -79,11 +80,16 @@ def test_sequence_parallel_matches_one_rank_losses_and_grad_norms(sp_runs, stage
     assert split[STEPS]["tokens_seen"] == reference[STEPS]["tokens_seen"] == STEPS * 8 * 64
     assert split[STEPS]["samples_per_second"] == pytest.approx(
         split[STEPS]["tokens_per_second"] / 64, rel=1e-6)  # a sequence counted once, not once per rank
+    # MFU counts each token once, and attention at the whole sequence's length: the FLOPs per token (MFU x
+    # devices / tokens per second, at any peak) are the 1-rank run's.
+    assert split[STEPS]["mfu"] * 2 / split[STEPS]["tokens_per_second"] == pytest.approx(
+        reference[STEPS]["mfu"] / reference[STEPS]["tokens_per_second"], rel=1e-6)
     assert (sp_runs[stage] / "model.safetensors").is_file()
-    # The tiled run did tile: every rank's 32-token slice in 2 shards (ALST's rule gives at least 2); under ZeRO-3
+    # The tiled run did tile: every rank's 32-token slice in 2 shards (the rules give at least 2); under ZeRO-3
     # both ranks must call the projections as often as each other, or their parameter gathers would not match.
-    tiled = "--tiled_mlp: 2 MLP blocks in 2 shards of up to 16 tokens" in (sp_runs[stage] / "stdout.txt").read_text()
-    assert tiled == stage.endswith("tiled")
+    stdout = (sp_runs[stage] / "stdout.txt").read_text()
+    assert ("--tiled_mlp: 2 MLP blocks in 2 shards of up to 16 tokens" in stdout) == stage.endswith("tiled")
+    assert ("--tiled_loss: the logits and loss in 2 shards of up to 16 tokens" in stdout) == stage.endswith("tiled")
 
 
 @pytest.mark.slow

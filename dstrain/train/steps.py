@@ -21,7 +21,7 @@ def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume:
     """Every stage's last steps: Trainer, train (resuming if planned), save a plain HF folder with the
     tokenizer, then loss and perplexity on the validation split if there is one."""
     trainer_class = Trainer
-    if run.args.tiled_mlp:  # ALST's tiled MLP: dstrain/train/tiled_compute.py
+    if run.args.tiled_mlp or run.args.tiled_loss:  # ALST's tiled compute: dstrain/train/tiled_compute.py
         tiled_compute.apply(run.args, model, longest_row(run, data))
     if run.args.sequence_parallel_size > 1:  # DeepSpeed Ulysses: dstrain/train/sequence_parallel.py
         sequence_parallel.prepare_model(run.args, model)
