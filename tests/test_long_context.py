@@ -52,12 +52,13 @@ def assert_same_steps(reference: dict[int, dict], split: dict[int, dict]) -> Non
 @pytest.fixture(scope="module")
 def sp_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
     """One rank without sequence parallelism (the reference), and two ranks splitting every sequence
-    in two (one SP group, no data parallelism) under ZeRO-2 and ZeRO-3, and under ZeRO-3 with ALST's
-    tiled MLP and tiled loss (dstrain/train/tiled_compute.py): the same weights, data, batches and steps."""
+    in two (one SP group, no data parallelism) under ZeRO-2 and ZeRO-3, without and with ALST's tiled MLP
+    and tiled loss (dstrain/train/tiled_compute.py): the same weights, data, batches and steps."""
     root = tmp_path_factory.mktemp("longctx")
     runs = {}
     for name, ranks, config, size, tiled in (("reference", 1, "zero2", 1, False), ("zero2", 2, "zero2", 2, False),
-                                             ("zero3", 2, "zero3", 2, False), ("zero3_tiled", 2, "zero3", 2, True)):
+                                             ("zero3", 2, "zero3", 2, False), ("zero2_tiled", 2, "zero2", 2, True),
+                                             ("zero3_tiled", 2, "zero3", 2, True)):
         output_dir = root / name
         result = run_deepspeed("pretrain.py", "--deepspeed", REPO / f"ds_configs/{config}.json",
                                *sp_flags(base_model, docs_corpus, output_dir, cache_dir, sequence_parallel_size=size,
@@ -69,7 +70,7 @@ def sp_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_tiled"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero2_tiled", "zero3_tiled"])
 def test_sequence_parallel_matches_one_rank_losses_and_grad_norms(sp_runs, stage):
     reference, split = log_entries(sp_runs["reference"]), log_entries(sp_runs[stage])
     assert_same_steps(reference, split)
