@@ -122,7 +122,8 @@ def tile_loss(model, shards: int) -> None:
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        if labels is None or not causal.training or not torch.is_grad_enabled() or logits_to_keep:
+        every_logit = isinstance(logits_to_keep, int) and logits_to_keep == 0  # else: asked for some logits
+        if labels is None or not causal.training or not torch.is_grad_enabled() or not every_logit:
             return untiled(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
