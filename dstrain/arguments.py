@@ -316,6 +316,20 @@ class TrainingArguments(transformers.TrainingArguments):
                                      "--deepspeed, a world size it divides, and sequence lengths and attention heads "
                                      "it divides (pretrain.py, lora.py; sft.py with --packing)."}
     )
+    tiled_mlp: bool = field(
+        default=False, metadata={"help": "ALST's tiled MLP (dstrain/train/tiled_compute.py): each MLP block runs over "
+                                         "the sequence in shards and recomputes them in backward, so its intermediate "
+                                         "activations are held for one shard only (pretrain.py, sft.py, lora.py)."}
+    )
+    tiled_loss: bool = field(
+        default=False, metadata={"help": "ALST's tiled loss (dstrain/train/tiled_compute.py): the output head's logits "
+                                         "and the loss in shards of the sequence, never the whole sequence's logits "
+                                         "at once (pretrain.py, sft.py, lora.py)."}
+    )
+    tiled_mlp_shards: int | None = field(
+        default=None, metadata={"help": "Shards per sequence for --tiled_mlp (default: the longest row, per rank, in "
+                                        "tiles of about hidden_size tokens, as ALST does; at least 2)."}
+    )
     # Elastic resume (dstrain/train/elastic.py)
     keep_global_batch_size: bool = field(
         default=True, metadata={"help": "Resuming on another number of ranks: recompute gradient accumulation so the "
@@ -412,6 +426,8 @@ class TrainingArguments(transformers.TrainingArguments):
         self._check_monitoring_flags()
         self._check_reliability_flags()
         check_sizes(self.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), self.deepspeed)
+        if self.tiled_mlp_shards is not None and self.tiled_mlp_shards < 2:
+            raise UserError(f"--tiled_mlp_shards must be at least 2 (1 is no tiling), got {self.tiled_mlp_shards}")
         if self.sequence_parallel_size > 1:  # the flag, as HF's Trainer and accelerate take it
             self.parallelism_config = parallelism_config(self.sequence_parallel_size)
         # The one side effect of building the arguments, and why it cannot wait for start_run: HF's
@@ -492,6 +508,9 @@ def refuse_sequence_parallel(args) -> None:
     if getattr(args, "sequence_parallel_size", 1) > 1:
         raise UserError("--sequence_parallel_size: reward.py, dpo.py and grpo.py score whole sequences and cannot "
                         "split them across ranks; it is for pretrain.py, sft.py and lora.py")
+    if getattr(args, "tiled_mlp", False) or getattr(args, "tiled_loss", False):  # wired into train_save_evaluate
+        raise UserError("--tiled_mlp and --tiled_loss are for pretrain.py, sft.py and lora.py (reward.py, dpo.py and "
+                        "grpo.py compute their losses through TRL)")
 
 
 @dataclass

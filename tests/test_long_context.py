@@ -16,7 +16,8 @@ from dstrain.errors import UserError
 from dstrain.model.loading import choose_block_size, model_config_for
 from dstrain.train import sequence_parallel
 from dstrain.train.resume import plan_resume
-from tests.helpers import REPO, assert_clean_error, assert_succeeded, run_deepspeed, run_main_in_process, train_flags
+from tests.helpers import (REPO, assert_clean_error, assert_succeeded, import_script, run_deepspeed,
+                           run_main_in_process, train_flags)
 
 STEPS, SAVE_AT = 6, 3
 MAX_GRAD_NORM = 1.0  # the runs' grad norms straddle it: clipping acts on some steps and not on others
@@ -28,7 +29,8 @@ def sp_flags(base_model, corpus, output_dir, cache_dir, **overrides):
     random weights differently, start from the same weights); block 64 = 2 x 32 tokens per rank; its
     4 heads and 2 key/value heads split by 2."""
     flags = train_flags(base_model, corpus, output_dir, cache_dir, **({"max_steps": STEPS, "save_steps": SAVE_AT,
-                        "max_grad_norm": MAX_GRAD_NORM, "attn_implementation": "sdpa"} | overrides))
+                        "max_grad_norm": MAX_GRAD_NORM, "attn_implementation": "sdpa",
+                        "peak_tflops": 1} | overrides))  # any peak: MFU is logged and compared per token
     at = flags.index("--config_name")
     return flags[:at] + ["--model_name_or_path", str(base_model)] + flags[at + 2:]
 
@@ -50,22 +52,25 @@ def assert_same_steps(reference: dict[int, dict], split: dict[int, dict]) -> Non
 @pytest.fixture(scope="module")
 def sp_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
     """One rank without sequence parallelism (the reference), and two ranks splitting every sequence
-    in two (one SP group, no data parallelism) under ZeRO-2 and ZeRO-3: the same weights, data, batches
-    and steps."""
+    in two (one SP group, no data parallelism) under ZeRO-2 and ZeRO-3, without and with ALST's tiled MLP
+    and tiled loss (dstrain/train/tiled_compute.py): the same weights, data, batches and steps."""
     root = tmp_path_factory.mktemp("longctx")
     runs = {}
-    for name, ranks, config, size in (("reference", 1, "zero2", 1), ("zero2", 2, "zero2", 2), ("zero3", 2, "zero3", 2)):
+    for name, ranks, config, size, tiled in (("reference", 1, "zero2", 1, False), ("zero2", 2, "zero2", 2, False),
+                                             ("zero3", 2, "zero3", 2, False), ("zero2_tiled", 2, "zero2", 2, True),
+                                             ("zero3_tiled", 2, "zero3", 2, True)):
         output_dir = root / name
         result = run_deepspeed("pretrain.py", "--deepspeed", REPO / f"ds_configs/{config}.json",
-                               *sp_flags(base_model, docs_corpus, output_dir, cache_dir,
-                                         sequence_parallel_size=size), ranks=ranks)
+                               *sp_flags(base_model, docs_corpus, output_dir, cache_dir, sequence_parallel_size=size,
+                                         tiled_mlp=tiled, tiled_loss=tiled), ranks=ranks)
         assert_succeeded(result)
         runs[name] = output_dir
+        (output_dir / "stdout.txt").write_text(result.stdout)
     return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero2_tiled", "zero3_tiled"])
 def test_sequence_parallel_matches_one_rank_losses_and_grad_norms(sp_runs, stage):
     reference, split = log_entries(sp_runs["reference"]), log_entries(sp_runs[stage])
     assert_same_steps(reference, split)
@@ -76,7 +81,16 @@ def test_sequence_parallel_matches_one_rank_losses_and_grad_norms(sp_runs, stage
     assert split[STEPS]["tokens_seen"] == reference[STEPS]["tokens_seen"] == STEPS * 8 * 64
     assert split[STEPS]["samples_per_second"] == pytest.approx(
         split[STEPS]["tokens_per_second"] / 64, rel=1e-6)  # a sequence counted once, not once per rank
+    # MFU counts each token once, and attention at the whole sequence's length: the FLOPs per token (MFU x
+    # devices / tokens per second, at any peak) are the 1-rank run's.
+    assert split[STEPS]["mfu"] * 2 / split[STEPS]["tokens_per_second"] == pytest.approx(
+        reference[STEPS]["mfu"] / reference[STEPS]["tokens_per_second"], rel=1e-6)
     assert (sp_runs[stage] / "model.safetensors").is_file()
+    # The tiled run did tile: every rank's 32-token slice in 2 shards (the rules give at least 2); under ZeRO-3
+    # both ranks must call the projections as often as each other, or their parameter gathers would not match.
+    stdout = (sp_runs[stage] / "stdout.txt").read_text()
+    assert ("--tiled_mlp: 2 MLP blocks in 2 shards of up to 16 tokens" in stdout) == stage.endswith("tiled")
+    assert ("--tiled_loss: the logits and loss in 2 shards of up to 16 tokens" in stdout) == stage.endswith("tiled")
 
 
 @pytest.mark.slow
@@ -104,50 +118,73 @@ def test_sequence_parallel_resumes_with_the_same_size_and_refuses_another(sp_run
         assert continued[step]["grad_norm"] == pytest.approx(full[step]["grad_norm"], abs=TOLERANCE), step
 
 
-def sft_flags(base_model, chat_file, output_dir, size):
-    return ["--deepspeed", REPO / "ds_configs/zero2.json", "--model_name_or_path", base_model,
+SFT_MAX_GRAD_NORM = 1.2  # the packed SFT runs' grad norms straddle it (1.0 to 1.45 unclipped)
+
+
+def sft_flags(base_model, chat_file, output_dir, size, config="zero2"):
+    return ["--deepspeed", REPO / f"ds_configs/{config}.json", "--model_name_or_path", base_model,
             "--train_files", chat_file, "--max_length", "128", "--packing", "true", "--drop_too_long", "true",
             "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--max_steps", str(STEPS),
-            "--max_grad_norm", str(MAX_GRAD_NORM), "--logging_steps", "1", "--save_steps", "100",
+            "--max_grad_norm", str(SFT_MAX_GRAD_NORM), "--logging_steps", "1", "--save_steps", "100",
             "--report_to", "none", "--validation_split_percentage", "5", "--output_dir", output_dir,
             "--data_cache_dir", output_dir.parent / "cache", "--gradient_checkpointing", "--seed", "3",
             "--attn_implementation", "sdpa", "--sequence_parallel_size", str(size)]
 
 
+@pytest.fixture(scope="module")
+def packed_sft_runs(tmp_path_factory, base_model, chat_file):
+    """Packed SFT on 1 rank (the reference), and split across 2 ranks under ZeRO-2 and under ZeRO-3 (whose
+    reduce-scatter scales the SP gradient differently: `gradient_share`)."""
+    root = tmp_path_factory.mktemp("packed_sft")
+    runs = {}
+    for name, ranks, config, size in (("reference", 1, "zero2", 1), ("zero2", 2, "zero2", 2), ("zero3", 2, "zero3", 2)):
+        result = run_deepspeed("sft.py", *sft_flags(base_model, chat_file, root / name, size, config), ranks=ranks)
+        assert_succeeded(result)
+        runs[name] = root / name
+    return runs
+
+
 @pytest.mark.slow
-def test_packed_sft_with_sequence_parallelism_matches_one_rank(tmp_path, base_model, chat_file):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_packed_sft_with_sequence_parallelism_matches_one_rank(packed_sft_runs, stage):
     """Packed SFT rows (several conversations each, their attention kept apart by the position_ids) split
     across 2 ranks, with activation checkpointing: the 1-rank run's losses and grad norms."""
-    runs = {}
-    for name, ranks, size in (("reference", 1, 1), ("split", 2, 2)):
-        result = run_deepspeed("sft.py", *sft_flags(base_model, chat_file, tmp_path / name, size), ranks=ranks)
-        assert_succeeded(result)
-        runs[name] = log_entries(tmp_path / name)
-    reference, split = runs["reference"], runs["split"]
+    reference, split = log_entries(packed_sft_runs["reference"]), log_entries(packed_sft_runs[stage])
     assert_same_steps(reference, split)
     assert len({round(entry["loss"], 3) for entry in reference.values()}) == STEPS
+    norms = [entry["grad_norm"] for entry in reference.values()]
+    assert min(norms) < SFT_MAX_GRAD_NORM < max(norms), norms  # clipping acted on some steps, not all
     # Evaluation is not split (DeepSpeed's disable_in_eval): each rank scores its own share of the validation
     # rows, as in any 2-rank run, so its loss is averaged over other batches than the 1-rank run's.
-    assert "eval_loss" in json.loads((tmp_path / "split" / "eval_results.json").read_text())
+    assert "eval_loss" in json.loads((packed_sft_runs[stage] / "eval_results.json").read_text())
+    assert (packed_sft_runs[stage] / "model.safetensors").is_file()  # under ZeRO-3: gathered from the shards
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, base_model, docs_corpus, cache_dir):
+    """LoRA continued pretraining on 1 rank (the reference), and split across 2 ranks under ZeRO-2 and ZeRO-3."""
+    root = tmp_path_factory.mktemp("lora_sp")
+    runs = {}
+    for name, ranks, config, size in (("reference", 1, "zero2", 1), ("zero2", 2, "zero2", 2), ("zero3", 2, "zero3", 2)):
+        flags = sp_flags(base_model, docs_corpus, root / name, cache_dir, sequence_parallel_size=size,
+                         max_grad_norm=0.18, save_steps=100, validation_split_percentage=0)
+        result = run_deepspeed("lora.py", "--deepspeed", REPO / f"ds_configs/{config}.json", *flags, "--stage",
+                               "pretrain", "--lora_r", "8", "--lora_dropout", "0", ranks=ranks)
+        assert_succeeded(result)
+        runs[name] = root / name
+    return runs
 
 
 @pytest.mark.slow
-def test_lora_with_sequence_parallelism_matches_one_rank(tmp_path, base_model, docs_corpus, cache_dir):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_lora_with_sequence_parallelism_matches_one_rank(lora_runs, stage):
     """LoRA adapters over the frozen tiny model (PEFT wraps it; Ulysses must still find its attention),
     continued pretraining on blocks split across 2 ranks: the 1-rank run's losses and grad norms."""
-    runs = {}
-    for name, ranks, size in (("reference", 1, 1), ("split", 2, 2)):
-        flags = sp_flags(base_model, docs_corpus, tmp_path / name, cache_dir, sequence_parallel_size=size,
-                         max_grad_norm=0.18, save_steps=100, validation_split_percentage=0)
-        result = run_deepspeed("lora.py", "--deepspeed", REPO / "ds_configs/zero2.json", *flags, "--stage", "pretrain",
-                               "--lora_r", "8", "--lora_dropout", "0", ranks=ranks)
-        assert_succeeded(result)
-        runs[name] = log_entries(tmp_path / name)
-    reference, split = runs["reference"], runs["split"]
+    reference, split = log_entries(lora_runs["reference"]), log_entries(lora_runs[stage])
     assert_same_steps(reference, split)
     norms = [entry["grad_norm"] for entry in reference.values()]
     assert min(norms) < 0.18 < max(norms), norms  # clipping acted on some steps, not all
-    assert (tmp_path / "split" / "adapter_model.safetensors").is_file()
+    assert (lora_runs[stage] / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -253,6 +290,37 @@ def test_packed_sdpa_keeps_conversations_apart_like_transformers():
     causal, _ = sdpa_attention_forward(module, query, key, value, None)
     torch.testing.assert_close(plain, causal)
     assert not torch.allclose(ours, plain)
+
+
+# ===== the GPU benchmark's search (bench/long_context.py), without a GPU =====
+
+@pytest.mark.parametrize("fits_up_to, start, want", [(37_000, 4096, (36_864, False)),  # doubling, then bisection
+                                                     (3_000, 4096, (2_048, False)),  # even the start is too long
+                                                     (500, 4096, (0, False)),  # nothing fits
+                                                     (10**9, 4096, (262_144, True))])  # the limit, capped
+def test_benchmark_finds_the_longest_length_that_fits(fits_up_to, start, want):
+    """A stand-in for "a short run at this length trains": the doubling-then-bisection search finds the
+    longest multiple of the quantum that fits, never tries a length twice, and stays at or under the limit."""
+    bench = import_script("bench/long_context.py")
+    tried = []
+
+    def fits(length):
+        tried.append(length)
+        return length <= fits_up_to
+
+    assert bench.longest_that_fits(fits, start, 262_144, 1024) == want
+    assert len(tried) == len(set(tried)) and max(tried) <= 262_144
+    assert all(length % 1024 == 0 for length in tried)
+    if fits_up_to == 37_000:
+        assert tried[:5] == [4096, 8192, 16384, 32768, 65536] and len(tried) <= 5 + 5  # log2(32768 / 1024) bisections
+
+
+def test_benchmark_stops_in_one_line_without_a_gpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    monkeypatch.setattr("sys.argv", ["bench/long_context.py", "--configs", "1gpu"])
+    with pytest.raises(SystemExit, match="^error: bench/long_context.py needs CUDA GPUs and found none: [^\n]*$"):
+        import_script("bench/long_context.py").main()  # before any trial, tokenizer or corpus is made
 
 
 # ===== context extension =====

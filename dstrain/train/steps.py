@@ -7,7 +7,7 @@ from transformers import Trainer
 
 from dstrain.distributed import is_main_process, print0
 from dstrain.errors import UserError
-from dstrain.train import provenance, sequence_parallel
+from dstrain.train import provenance, sequence_parallel, tiled_compute
 from dstrain.train.checkpoints import check_free_space, checkpoint_bytes_estimate, wait_for_every_rank_to_save
 from dstrain.train.faults import LOSS_SCALE_AT_MINIMUM, NonFiniteGuard, NumericalHealthCallback, install_faults
 from dstrain.train.monitoring import add_monitoring
@@ -23,6 +23,8 @@ def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume:
     tokenizer (an image-text model's whole `processor` when given), then loss and perplexity on the
     validation split if there is one."""
     trainer_class = Trainer
+    if run.args.tiled_mlp or run.args.tiled_loss:  # ALST's tiled compute: dstrain/train/tiled_compute.py
+        tiled_compute.apply(run.args, model, longest_row(run, data))
     if run.args.sequence_parallel_size > 1:  # DeepSpeed Ulysses: dstrain/train/sequence_parallel.py
         sequence_parallel.prepare_model(run.args, model)
         trainer_class = sequence_parallel.SequenceParallelTrainer
@@ -39,6 +41,14 @@ def train_save_evaluate(run: Run, model, tokenizer, data, data_collator, resume:
     if "validation" in data:
         evaluate_and_record(trainer, perplexity=True)
     return trainer
+
+
+def longest_row(run: Run, data) -> int:
+    """The longest row the run trains on: pretraining blocks' size, else the chat data's --max_length."""
+    blocks = getattr(data["train"], "block_size", None)
+    if blocks:
+        return blocks
+    return next(arguments.max_length for arguments in run.logged_arguments if getattr(arguments, "max_length", None))
 
 
 def train_and_save(run: Run, trainer, tokenizer, resume: ResumePlan, processor=None) -> None:
