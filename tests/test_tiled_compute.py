@@ -136,3 +136,13 @@ def test_tiled_mlp_refusals(tmp_path):
         tiled_compute.tile_loss(headless, 2)
     with pytest.raises(UserError, match="--tiled_mlp and --tiled_loss are for pretrain.py, sft.py and lora.py"):
         DPOTrainingArguments(output_dir=str(tmp_path), tiled_loss=True)
+
+
+def test_tiled_compute_refuses_image_text_models(tmp_path, image_text_model):
+    """A LLaVA-style model's vision tower has MLP blocks too, which the text's shard count must not cut."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(image_text_model)
+    args = TrainingArguments(output_dir=str(tmp_path), tiled_mlp=True)
+    with pytest.raises(UserError, match="image-text models are not supported"):
+        tiled_compute.apply(args, model, 64)

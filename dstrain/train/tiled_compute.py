@@ -151,6 +151,10 @@ def apply(args, model, longest_row: int) -> None:
     """--tiled_mlp and --tiled_loss for this run: shard counts from the flag or the longest row, announced."""
     from dstrain.distributed import print0
 
+    from dstrain.model.image_text import is_image_text
+
+    if is_image_text(model.config):  # its vision tower's MLPs would be cut by the text's shard count
+        raise UserError("--tiled_mlp/--tiled_loss: image-text models are not supported; train them untiled")
     config = model.config.get_text_config()
     local = math.ceil(longest_row / max(args.sequence_parallel_size, 1))
     if args.tiled_mlp:
