@@ -1,8 +1,13 @@
 """--document_mask (dstrain/data/blocks.py DocumentBlocksCollator): inside a pretraining block, attention never
 crosses a document boundary, so a block's loss is its documents' losses computed one by one; and
---attn_implementation auto says which kernel it took (sdpa here, without a GPU)."""
+--attn_implementation auto says which kernel it took (sdpa here, without a GPU). The one in-process run is
+also read by bench/gpu_table.py, and bench/gpu.sh refuses this GPU-less machine in one line."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +17,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dstrain.data.blocks import DocumentBlocksCollator, block_collator
 from dstrain.errors import UserError
 from dstrain.model.kernels import check_liger, choose_attention
-from tests.helpers import assert_succeeded, run_main_in_process, train_flags
+from tests.helpers import REPO, assert_succeeded, run_main_in_process, train_flags
+
+# bench/ holds scripts, not a package: load the table's module from its file.
+_spec = importlib.util.spec_from_file_location("gpu_table", REPO / "bench" / "gpu_table.py")
+gpu_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_table)
 
 EOS = 1
 # Two blocks of 12: a document's tail, then whole documents, each ending with eos (as the token stores hold them).
@@ -90,3 +100,29 @@ def test_pretrain_with_document_mask_trains_and_says_which_attention(tmp_path, t
     rows, block = 4 * 2, 64  # train_flags: batch 4, accumulation 2, blocks of 64
     assert entry["tokens_seen"] == rows * block
     assert entry["trained_tokens_per_second"] < entry["tokens_per_second"] * (block - 1) / block
+    # bench/gpu.sh's table reads the same run the way it reads its GPU runs (bench/gpu_table.py).
+    run = tmp_path / "work" / "runs" / "tiny-ours"
+    run.mkdir(parents=True)
+    (run / "meta.json").write_text(json.dumps({"preset": "tiny", "zero": 0, "attention": "sdpa", "liger": "false",
+                                               "compile": "false", "script": "ours"}))
+    (run / "trainer_state.json").write_text((output_dir / "trainer_state.json").read_text())
+    row = gpu_table.summarize(run)
+    assert row["tokens_per_second"] == entry["tokens_per_second"] and row["mfu"] is None  # no peak on CPU
+    assert row["peak_memory_gb"] == entry["peak_memory_gb"]
+    assert "tiny" in gpu_table.table([row]).splitlines()[2]
+
+
+def test_the_gpu_benchmark_refuses_a_machine_without_a_gpu_and_lists_its_runs_dry():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = dict(os.environ, PYTHON=sys.executable)
+    refused = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: bench/gpu.sh needs a CUDA GPU ({sys.executable}'s torch sees none here); bench/train_throughput.py "
+        "is the CPU benchmark"]
+    dry = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env | {"DRY_RUN": "1", "WORK": str(REPO / "no-such")},
+                         capture_output=True, text=True)
+    launches = [line for line in dry.stdout.splitlines() if line.startswith("+ deepspeed")]
+    assert dry.returncode == 0 and len(launches) == 2 * 2 * 7  # presets x ZeRO stages x variants
+    assert sum("--attn_implementation flash_attention_2" in line for line in launches) == 2 * 2 * 3
+    assert not (REPO / "no-such").exists()
