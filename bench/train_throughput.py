@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 def plain_trainer_script(args) -> None:
     """What a user would write from the tutorials (here in a process of its own)."""
     import torch
-    from data_pipeline import recipe
+    from data_pipeline import tutorial_blocks
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -45,7 +45,7 @@ def plain_trainer_script(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     kernel = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config), **kernel)
-    train = recipe([Path(f) for f in args.train_files], tokenizer, args.block_size, Path(args.output_dir) / "cache")
+    train = tutorial_blocks([Path(f) for f in args.train_files], tokenizer, args.block_size, Path(args.output_dir) / "cache")
     training_args = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.learning_rate, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
