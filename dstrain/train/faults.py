@@ -56,19 +56,19 @@ class NonFiniteGuard(TrainerCallback):
     step is logged or saved, so nothing written holds its update. Under "skip" the returned loss is 0
     for that micro-batch (the logged average stays finite, as before).
 
-    With a spike rollback (`spikes`) the guard stays out of the way: the NaN loss reaches the
-    rollback's own once-per-step check (dstrain/train/spikes.py), which restores the last checkpoint."""
+    With a spike rollback (`spikes`) the micro-batch is zeroed the same way (so the optimizer and the
+    schedule take their step as usual) and the step's verdict, still on the device, goes to the
+    rollback (dstrain/train/spikes.py), whose own once-per-step all-reduce reads it and rolls back."""
 
     def __init__(self, trainer, policy: str, spikes=None):
         self.trainer, self.policy, self.skipped, self.spikes = trainer, policy, 0, spikes
         self.bad = self.first = self.now = None  # this step's count of non-finite micro-batch losses, and the first such loss;
         # now: the current micro-batch's verdict, read by the gradient hooks of policy skip
         self.hooks = []
-        if spikes is not None:
-            return
+        self.zeroes = policy == "skip" or spikes is not None
         self.compute_loss = trainer.compute_loss
         trainer.compute_loss = self
-        if policy == "skip":
+        if self.zeroes:
             self.hooks = [p.register_hook(self._zero_if_bad) for p in trainer.model.parameters() if p.requires_grad]
         # HF's own NaN filter for the logged loss reads every micro-batch's loss on the host (a sync each);
         # the guard already keeps non-finite losses out of every completed step's log.
@@ -90,14 +90,17 @@ class NonFiniteGuard(TrainerCallback):
         else:
             self.first = torch.where((self.bad == 0) & bad, value, self.first)
             self.bad = self.bad + bad
-        if self.policy != "skip":
+        if not self.zeroes:
             return result
         self.now = bad
         loss = torch.where(bad, torch.zeros_like(loss), loss)  # its backward sends 0 (then NaN) down: the hooks zero it
         return (loss, *result[1:]) if isinstance(result, tuple) else loss
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.spikes is not None or self.bad is None:
+        if self.bad is None:
+            return
+        if self.spikes is not None:  # read there, in the rollback's one all-reduce of the step
+            self.spikes.nonfinite, self.bad, self.first, self.now = self.bad > 0, None, None, None
             return
         local = torch.stack([self.bad.double(), self.first.double()])
         self.bad = self.first = self.now = None
