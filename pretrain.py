@@ -22,7 +22,7 @@ from transformers import set_seed
 from dstrain.arguments import DataArguments, ModelArguments, TrainingArguments
 from dstrain.audit import audit_before_training
 from dstrain.cli import cli_entry, parse_args
-from dstrain.data.blocks import block_collator, pretraining_datasets
+from dstrain.data.blocks import pretraining_collator, pretraining_datasets
 from dstrain.distributed import finish
 from dstrain.model.loading import build_model, choose_block_size, load_tokenizer, model_config_for
 from dstrain.train.resume import apply_resume_plan, plan_resume
@@ -56,7 +56,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     audit_before_training("pretrain", data, tokenizer, model, data_args, training_args)
 
     # ===== 4. train, save a plain HF folder, evaluate =====
-    train_save_evaluate(run, model, tokenizer, data, block_collator, resume)
+    collator = pretraining_collator(data_args.document_mask, tokenizer, model.config._attn_implementation)
+    train_save_evaluate(run, model, tokenizer, data, collator, resume)
     finish()
 
 

@@ -115,11 +115,18 @@ def prepare(corpus: Path, tokenizer_dir: Path, cache: Path, block_size: int) -> 
 
 
 def recipe(corpus: Path, tokenizer, block_size: int, cache: Path) -> float:
-    """The tutorials' pipeline (transformers' run_clm.py), kept as they write it, plus an eos a document."""
+    """Seconds the tutorials' pipeline takes on `corpus` (tutorial_blocks)."""
+    start = time.perf_counter()
+    tutorial_blocks([corpus], tokenizer, block_size, cache)
+    return time.perf_counter() - start
+
+
+def tutorial_blocks(corpora: list[Path], tokenizer, block_size: int, cache: Path):
+    """The tutorials' pipeline (transformers' run_clm.py), kept as they write it, plus an eos a document:
+    the blocks as a datasets.Dataset (bench/train_throughput.py's plain script trains on them)."""
     from datasets import load_dataset  # noqa: PLC0415 - the baseline only
 
-    start = time.perf_counter()
-    raw = load_dataset("json", data_files=[str(corpus)], split="train", cache_dir=str(cache))
+    raw = load_dataset("json", data_files=[str(corpus) for corpus in corpora], split="train", cache_dir=str(cache))
     eos = tokenizer.eos_token_id
 
     def tokenize_function(examples):
@@ -136,8 +143,7 @@ def recipe(corpus: Path, tokenizer, block_size: int, cache: Path) -> float:
         return result
 
     tokenized = raw.map(tokenize_function, batched=True, remove_columns=raw.column_names)
-    tokenized.map(group_texts, batched=True)
-    return time.perf_counter() - start
+    return tokenized.map(group_texts, batched=True)
 
 
 def sft_row(tokenizer, workdir: Path, conversations: int) -> tuple[float, float]:

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def plain_trainer_script(args) -> None:
     """What a user would write from the tutorials (here in a process of its own)."""
-    from data_pipeline import recipe
+    import torch
+    from data_pipeline import tutorial_blocks
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -42,14 +43,18 @@ def plain_trainer_script(args) -> None:
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config))
-    train = recipe([Path(f) for f in args.train_files], tokenizer, args.block_size, Path(args.output_dir) / "cache")
+    kernel = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config), **kernel)
+    train = tutorial_blocks([Path(f) for f in args.train_files], tokenizer, args.block_size, Path(args.output_dir) / "cache")
     training_args = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.learning_rate, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
         deepspeed=args.deepspeed, bf16=args.bf16, dataloader_pin_memory=False, disable_tqdm=True,
+        torch_compile=args.torch_compile, use_liger_kernel=args.use_liger_kernel,
     )
     result = Trainer(model=model, args=training_args, train_dataset=train, data_collator=default_data_collator).train()
+    if torch.cuda.is_available():  # bench/gpu.sh's table reads it
+        result.metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print("RESULT " + json.dumps(result.metrics))
 
 
@@ -77,6 +82,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--model_config", help=argparse.SUPPRESS)
     parser.add_argument("--output_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--attn_implementation", help=argparse.SUPPRESS)  # bench/gpu.sh's variants
+    parser.add_argument("--torch_compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--use_liger_kernel", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
         plain_trainer_script(args)

@@ -17,6 +17,7 @@ from dstrain.data.cache import DEFAULT_MAX_VALIDATION_TOKENS
 from dstrain.data.chat_format import FORMATS
 from dstrain.distributed import join_cpu_ranks
 from dstrain.errors import UserError
+from dstrain.model.kernels import check_liger
 from dstrain.train.monitoring import load_prompts
 from dstrain.train.preemption import DEFAULT_SIGNALS, parse_signals
 from dstrain.train.sequence_parallel import check_sizes, parallelism_config
@@ -42,7 +43,9 @@ class ModelArguments:
         default=1, metadata={"help": "Round the vocab size up to this multiple (64 suits GPUs); 1 keeps it exact."}
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2 (GPU only)."}
+        default="auto", metadata={"help": "Attention kernel: auto (flash_attention_3/2 when the package and a GPU "
+                                          "that supports it are present, else sdpa; the run says which), sdpa, "
+                                          "eager, flash_attention_2, flash_attention_3."}
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder. Off unless you trust its source."}
@@ -173,6 +176,11 @@ class DataArguments(CorpusArguments):
     text_field: str = field(default="text", metadata={"help": "Field holding the text in JSONL records."})
     block_size: int | None = field(
         default=None, metadata={"help": "Tokens per training sample; defaults to the model's context (at most 2048)."}
+    )
+
+    document_mask: bool = field(
+        default=False, metadata={"help": "Attention never crosses documents inside a block: position ids restart "
+                                         "after each eos (flash attention's varlen path, or a per-document mask)."}
     )
 
     def __post_init__(self):
@@ -424,6 +432,7 @@ class TrainingArguments(transformers.TrainingArguments):
                 raise UserError("--bf16/--fp16 need a GPU; on CPU leave them out (CPU runs train in fp32)")
             self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
         self._check_monitoring_flags()
+        check_liger(self.use_liger_kernel)  # a GPU-only kernel: one line on CPU, not a Triton error mid-run
         self._check_reliability_flags()
         check_sizes(self.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), self.deepspeed)
         if self.tiled_mlp_shards is not None and self.tiled_mlp_shards < 2:

@@ -27,6 +27,7 @@ from tests.helpers import (
     logged_losses,
     run_deepspeed,
     run_main_in_process,
+    script_env,
     train_flags,
 )
 from tests.test_pretrain import assert_deepspeed_checkpoint, assert_loads_and_generates
@@ -44,6 +45,7 @@ def wandb_run(tmp_path_factory, tokenizer_dir, docs_corpus):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     output_dir = workdir / "out"
     result = run_deepspeed("pretrain.py", "--deepspeed", REPO / "ds_configs/zero3_offload.json",
+                           env=script_env(DSTRAIN_COUNT_COLLECTIVES=workdir / "collectives"),
                            *train_flags(tokenizer_dir, docs_corpus, output_dir, workdir / "cache", max_steps=STEPS,
                                         save_steps=STEPS, report_to="wandb", eval_strategy="steps", eval_steps=2,
                                         sample_every=2, sample_prompts=prompts, sample_max_new_tokens=6,
@@ -54,6 +56,27 @@ def wandb_run(tmp_path_factory, tokenizer_dir, docs_corpus):
     assert len(run_dirs) == 1, run_dirs  # rank 1 started no run of its own
     [run_file] = run_dirs[0].glob("run-*.wandb")
     return output_dir, result, run_file
+
+
+@pytest.mark.slow
+def test_no_collective_per_micro_batch_and_one_per_step_and_log(wandb_run):
+    """torch.distributed's collectives, counted on both ranks of the shared run (dstrain/train/collective_count.py):
+    inside a micro-batch's forward and backward only DeepSpeed's own (ZeRO-3 gathers and reductions) and none
+    of ours; between micro-batches, at most the NaN guard's one check per step and the metrics' one gather per
+    logging step (every step here), the preemption callback's one signal check per step, plus the barrier
+    that completes a checkpoint on the step that saves."""
+    output_dir, _, _ = wandb_run
+    budget = {"dstrain:faults._gather": 1, "dstrain:monitoring._interval_metrics": 1, "dstrain:distributed.any_rank": 1}
+    for r in range(RANKS):
+        steps = json.loads((output_dir.parent / "collectives" / f"collectives-rank{r}.json").read_text())
+        assert sorted(map(int, steps)) == list(range(1, STEPS + 1))
+        for step, counts in steps.items():
+            assert counts["micro_batches"] == ACCUMULATION
+            assert not [s for s in counts["in_micro_batch"] if s.startswith("dstrain")], counts
+            assert counts["in_micro_batch"].get("deepspeed", 0) > 0  # the counting saw ZeRO-3's own traffic
+            ours = {s: n for s, n in counts["between"].items() if s.startswith("dstrain")}
+            saves = {"dstrain:checkpoints.save_rng_state_then_wait": 1} if int(step) == STEPS else {}
+            assert ours == budget | saves, (step, counts)
 
 
 @pytest.mark.slow

@@ -302,6 +302,41 @@ def block_collator(rows: list[dict]) -> dict:
     return {"input_ids": input_ids, "labels": input_ids}
 
 
+@dataclass(frozen=True)
+class DocumentBlocksCollator:
+    """--document_mask: blocks whose documents never attend to each other. Each document in the stream
+    ends with eos, so a document starts at a block's first token or after an eos; position_ids restart
+    there, and transformers then masks attention per document (as for packed SFT rows: sdpa and eager
+    build the block-diagonal mask from the restarting positions when no KV cache is made, flash's
+    varlen kernels take the boundaries from them in a batch flattened to one row). A document's first
+    token is not a target (its label is -100: nothing before it in its own document predicts it), so
+    a block's loss is its documents' losses, each computed alone, weighted by their tokens."""
+
+    eos_token_id: int
+    flatten: bool = False  # flash attention: one padding-free row per batch
+
+    def __call__(self, rows: list[dict]) -> dict:
+        input_ids = torch.from_numpy(np.stack([row["input_ids"] for row in rows]))
+        starts = torch.zeros_like(input_ids, dtype=torch.bool)
+        starts[:, 0] = True
+        starts[:, 1:] = input_ids[:, :-1] == self.eos_token_id
+        index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        position_ids = index - torch.where(starts, index, 0).cummax(dim=-1).values
+        labels = input_ids.masked_fill(starts, -100)  # a block's first token too: flattened, the previous block's last would predict it
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.flatten:
+            batch = {key: value.reshape(1, -1) for key, value in batch.items()}
+        batch["use_cache"] = False  # with a KV cache transformers would not derive the per-document mask
+        return batch
+
+
+def pretraining_collator(document_mask: bool, tokenizer, attn_implementation: str | None):
+    """block_collator, or with --document_mask the per-document one (flattened under flash attention)."""
+    if not document_mask:
+        return block_collator
+    return DocumentBlocksCollator(tokenizer.eos_token_id, flatten="flash" in (attn_implementation or ""))
+
+
 def pretraining_datasets(data_args, tokenizer, block_size: int, seed: int) -> ProcessedDatasets:
     """Train (and, if any, validation) blocks: PackedBlocks datasets over the token stores."""
     spec = BlockSpec.from_arguments(data_args, seed, text_field=data_args.text_field, block_size=block_size)

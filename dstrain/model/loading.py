@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from dstrain.distributed import print0
 from dstrain.errors import UserError
 from dstrain.model.config import check_model_tokenizer_pair, derive_model_config, describe_size, extend_context
+from dstrain.model.kernels import choose_attention
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -63,7 +64,9 @@ def build_model(model_args, config, quantization_config=None, auto_class=AutoMod
     Under ZeRO-3 transformers creates the weights already partitioned across ranks. `auto_class`
     picks the head: a reward model is AutoModelForSequenceClassification over the same body.
     """
-    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    attention, why = choose_attention(model_args.attn_implementation)  # --attn_implementation auto: dstrain/model/kernels.py
+    print0(why)
+    extra = {"attn_implementation": attention} if attention else {}
     if quantization_config is not None:
         extra["quantization_config"] = quantization_config
     if model_args.model_name_or_path:

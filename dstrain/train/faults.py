@@ -2,10 +2,11 @@
 tests only, deterministic fault injection and a trace of the batches each rank is given.
 
 Why not HF's own handling: `logging_nan_inf_filter` (on by default) replaces a NaN/inf loss in
-the *logged* average and trains on, so a run can diverge silently. The guard here checks every
-micro-batch's loss on every rank, agrees across ranks with one all-reduce (so every rank stops
-at the same point and none is left waiting in a collective), and either stops the run with one
-line naming the step or, with --nonfinite_loss skip, trains that micro-batch with zero gradient.
+the *logged* average and trains on, so a run can diverge silently (and reads every micro-batch's
+loss on the host to do so). The guard here checks every micro-batch's loss on the device, reads
+the verdict once per optimizer step with one small all_gather (so every rank stops at the same
+point and none is left waiting in a collective), and either stops the run with one line naming
+the step or, with --nonfinite_loss skip, trains that micro-batch with zero gradient.
 With --spike_rollback both checks hand the step to the rollback (dstrain/train/spikes.py) instead.
 """
 
@@ -28,58 +29,99 @@ from dstrain.errors import UserError
 FAULT_ENV = "DSTRAIN_FAULT"
 FAULT_PHASES = ("train", "save", "shard", "nan", "grad", "spike", "pause")
 TRACE_ENV = "DSTRAIN_TRACE_BATCHES"
+COLLECTIVES_ENV = "DSTRAIN_COUNT_COLLECTIVES"
 SPIKE_FACTOR = 50.0  # phase spike: the micro-batch's loss (and so its gradients) times this
 PAUSE_LIMIT = 300  # seconds phase pause waits for a preemption signal before it gives up and goes on
 
 
-def _every_rank(value: torch.Tensor) -> torch.Tensor:
-    """Each rank's scalar, on every rank (one small all-reduce: NaN + 0 stays NaN)."""
+def _gather(values: torch.Tensor) -> torch.Tensor:
+    """Each rank's small vector, one row per rank (one all_gather; a single process: its own row)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return value.reshape(1)
-    values = torch.zeros(dist.get_world_size(), device=value.device)
-    values[dist.get_rank()] = value
-    dist.all_reduce(values)
-    return values
+        return values.unsqueeze(0)
+    rows = [torch.zeros_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, values)
+    return torch.stack(rows)
 
 
-class NonFiniteGuard:
-    """Wraps `trainer.compute_loss`: a NaN/inf training loss on any rank stops every rank with
-    `error: step N: ...`, or (policy "skip") is replaced by a zero loss tied to the trainable
-    parameters, so that micro-batch adds no gradient and the other ranks' all-reduces still match.
-    With a spike rollback (`spikes`) the micro-batch is zeroed the same way and the step is rolled back."""
+class NonFiniteGuard(TrainerCallback):
+    """A NaN/inf training loss on any rank stops every rank with `error: step N: ...` at the end of
+    that optimizer step, or (policy "skip") that micro-batch adds no gradient on its rank: a hook on
+    every trainable parameter zeroes its gradient, so DeepSpeed's reductions see zeros, not NaN.
+
+    Nothing here waits for the device per micro-batch: each loss is checked by `torch.isfinite` on
+    the device and the verdict kept there (a count and the first bad value); the host reads it once
+    per optimizer step, all ranks' at once with one small all_gather in `on_step_end`, which must run
+    before NumericalHealthCallback's (a NaN loss also makes the gradient norm NaN, and the loss is the
+    cause to name). The NaN micro-batch's backward still runs; under "stop" the run ends before that
+    step is logged or saved, so nothing written holds its update. Under "skip" the returned loss is 0
+    for that micro-batch (the logged average stays finite, as before).
+
+    With a spike rollback (`spikes`) the micro-batch is zeroed the same way (so the optimizer and the
+    schedule take their step as usual) and the step's verdict, still on the device, goes to the
+    rollback (dstrain/train/spikes.py), whose own once-per-step all-reduce reads it and rolls back."""
 
     def __init__(self, trainer, policy: str, spikes=None):
         self.trainer, self.policy, self.skipped, self.spikes = trainer, policy, 0, spikes
+        self.bad = self.first = self.now = None  # this step's count of non-finite micro-batch losses, and the first such loss;
+        # now: the current micro-batch's verdict, read by the gradient hooks of policy skip
+        self.hooks = []
+        self.zeroes = policy == "skip" or spikes is not None
         self.compute_loss = trainer.compute_loss
         trainer.compute_loss = self
+        if self.zeroes:
+            self.hooks = [p.register_hook(self._zero_if_bad) for p in trainer.model.parameters() if p.requires_grad]
+        # HF's own NaN filter for the logged loss reads every micro-batch's loss on the host (a sync each);
+        # the guard already keeps non-finite losses out of every completed step's log.
+        trainer.args.logging_nan_inf_filter = False
+
+    def _zero_if_bad(self, gradient):
+        return gradient if self.now is None else gradient.masked_fill(self.now, 0)
 
     def __call__(self, model, inputs, *args, **kwargs):
+        self.now = None
         result = self.compute_loss(model, inputs, *args, **kwargs)
-        if not model.training:  # evaluation: every rank is here too, but nothing is trained on it
+        if not model.training:  # evaluation: nothing is trained on it
             return result
         loss = result[0] if isinstance(result, tuple) else result
-        losses = _every_rank(loss.detach().float().mean())
-        bad = {r: value for r, value in enumerate(losses.tolist()) if not math.isfinite(value)}
-        if not bad:
+        value = loss.detach().float().mean()
+        bad = ~torch.isfinite(value)
+        if self.bad is None:
+            self.bad, self.first = bad.long(), torch.where(bad, value, 0.0)
+        else:
+            self.first = torch.where((self.bad == 0) & bad, value, self.first)
+            self.bad = self.bad + bad
+        if not self.zeroes:
             return result
-        step = self.trainer.state.global_step + 1
-        where = ", ".join(f"{value} on rank {r}" for r, value in bad.items())
-        if self.spikes is not None:
-            self.spikes.nonfinite = True
-            return self._zero(model, result)
+        self.now = bad
+        loss = torch.where(bad, torch.zeros_like(loss), loss)  # its backward sends 0 (then NaN) down: the hooks zero it
+        return (loss, *result[1:]) if isinstance(result, tuple) else loss
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bad is None:
+            return
+        if self.spikes is not None:  # read there, in the rollback's one all-reduce of the step
+            self.spikes.nonfinite, self.bad, self.first, self.now = self.bad > 0, None, None, None
+            return
+        local = torch.stack([self.bad.double(), self.first.double()])
+        self.bad = self.first = self.now = None
+        bad = {r: (int(count), value) for r, (count, value) in enumerate(_gather(local).tolist()) if count}
+        if not bad:
+            return
+        step = state.global_step
+        where = ", ".join(f"{value} on rank {r}" for r, (_, value) in bad.items())
         if self.policy != "skip":
             raise UserError(f"step {step}: the training loss is {where}; stopping (resume with "
                             "--resume_from_checkpoint last, e.g. with a lower learning rate, or pass "
                             "--nonfinite_loss skip to skip such batches)")
-        self.skipped += 1
-        print0(f"step {step}: the training loss is {where}; this micro-batch is skipped on every rank "
-               f"({self.skipped} skipped so far)")
-        return self._zero(model, result)
+        count = sum(c for c, _ in bad.values())
+        self.skipped += count
+        print0(f"step {step}: the training loss is {where}; {'that micro-batch' if count == 1 else f'{count} micro-batches'}"
+               f" trained with zero gradient ({self.skipped} skipped so far)")
 
-    @staticmethod
-    def _zero(model, result):
-        zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-        return (zero, *result[1:]) if isinstance(result, tuple) else zero
+    def on_train_end(self, args, state, control, **kwargs):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
 
 class NumericalHealthCallback(TrainerCallback):
@@ -178,13 +220,18 @@ class _KillAfterStep(TrainerCallback):
 
 
 def install_faults(trainer, stop=None) -> None:
-    """Arm the faults DSTRAIN_FAULT names for this rank, and the batch trace DSTRAIN_TRACE_BATCHES asks
-    for (nothing happens without the variables). `stop`: the run's StopSignals, which phase pause waits on."""
+    """Arm the faults DSTRAIN_FAULT names for this rank, the batch trace DSTRAIN_TRACE_BATCHES asks for
+    and the collective count of DSTRAIN_COUNT_COLLECTIVES (nothing happens without the variables).
+    `stop`: the run's StopSignals, which phase pause waits on."""
     for fault in faults_from_env():
         if fault.rank == rank():
             _install(trainer, fault, stop)
     if os.environ.get(TRACE_ENV):
         _trace_batches(trainer, Path(os.environ[TRACE_ENV]) / f"batches-rank{rank()}.jsonl")
+    if os.environ.get(COLLECTIVES_ENV):
+        from dstrain.train.collective_count import CollectiveCount
+
+        trainer.add_callback(CollectiveCount(trainer, Path(os.environ[COLLECTIVES_ENV]) / f"collectives-rank{rank()}.json"))
 
 
 def _install(trainer, fault: Fault, stop) -> None:

@@ -7,17 +7,27 @@ adds, to the same log entries (so they reach WandB, the console and trainer_stat
     tokens_seen                   non-padding tokens trained so far, all ranks (kept in checkpoints)
     tokens_per_second             all ranks together, over the last logging interval
     tokens_per_second_per_device
+    trained_tokens_per_second     tokens whose label counts in the loss (SFT: the assistant replies)
     samples_per_second            sequences (packed rows count as one) over the interval
     step_time                     seconds per optimizer step over the interval
-    mfu                           model FLOPs utilisation: training_flops_per_token() x tokens/s over
+    mfu                           model FLOPs utilisation: `training_flops` of the interval's tokens over
                                   the devices' peak (PEAK_TFLOPS, or --peak_tflops); GPU, or CPU with the flag
+    hfu                           hardware FLOPs utilisation: the same plus the forward pass recomputed under
+                                  activation checkpointing (equal to mfu without it)
     peak_memory_gb                the largest rank's peak: torch.cuda.max_memory_allocated on GPU,
                                   the process's max resident set (ru_maxrss) on CPU
     eval_perplexity               exp(eval_loss), beside every eval_loss
 
-Tokens are counted by a forward pre-hook on the trained model (attention_mask.sum(), or every
-position when there is no mask: packed blocks) into a tensor on the device, so counting costs
-no synchronisation; the ranks' counts are summed with one all_gather per logging step.
+Tokens are counted by a forward pre-hook on the trained model, which sees exactly what is trained
+(TRL's concatenated preference pairs, a sequence-parallel rank's slice, a flattened packed batch):
+real tokens are the attention mask's ones, else those that are not the pad token (packed SFT rows
+pad with a segment of their own), else every position (blocks). Attention is charged per document:
+its FLOPs grow with the square of the length each token attends over, and the sum of L^2 over a
+row's documents is the sum over its tokens of 2p+1, p the token's position in its own document
+(position_ids, which restart at each packed conversation or --document_mask document). All of it
+is device arithmetic queued behind the forward: nothing waits for the device per micro-batch (the
+shapes are read on the host); the ranks' counts are read and summed with one all_gather per
+logging step.
 With --sample_every N, every N steps each prompt of --sample_prompts is continued greedily and
 the result printed and logged as a WandB table; every rank takes part (under ZeRO-3 the weights
 are sharded, so generation needs them all: synced_gpus), rank 0 alone prints and logs.
@@ -110,10 +120,49 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def counted_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """Tokens a batch trains on: the mask's ones (padding excluded), or every position when there is
-    no mask (packed blocks and packed rows). A device tensor or an int: no synchronisation."""
-    return attention_mask.sum() if attention_mask is not None else input_ids.numel()
+def batch_counts(input_ids: torch.Tensor, real: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """[real tokens, trained tokens, attention units] of one micro-batch, as a float64 tensor on its
+    device (no synchronisation). `real`: True where a token is not padding (None: every position).
+    Attention units: the sum over documents of length^2, i.e. over real tokens of 2p+1 with p the
+    position in the token's document (position_ids; without them the row is one document, padding
+    left out). Trained tokens: labels other than -100 after the causal shift (as HF's loss counts
+    them), or `shift_labels` as given (sequence parallelism shifts them before slicing)."""
+    real = torch.ones_like(input_ids, dtype=torch.bool) if real is None else real.bool()
+    if position_ids is None:
+        position_ids = real.long().cumsum(-1) - 1
+    units = ((2 * position_ids.long() + 1) * real).sum()
+    if shift_labels is not None:
+        trained = (shift_labels != -100).sum()
+    elif labels is not None:
+        trained = (labels[..., 1:] != -100).sum()
+    else:
+        trained = torch.zeros((), dtype=torch.long, device=input_ids.device)
+    return torch.stack([real.sum(), trained, units]).double()
+
+
+def training_flops(parameters: int, trainable: int, layers: int, hidden: int, tokens: float,
+                   attention_units: float, recompute: bool = False) -> float:
+    """FLOPs to train on `tokens` tokens whose attention spans sum to `attention_units` (sum of L^2 over
+    documents): `training_flops_per_token` with each token at its own document's length. `recompute`:
+    activation checkpointing runs every forward twice, adding 2 per weight and 4 * hidden * L per layer
+    for attention (hardware FLOPs, for HFU; MFU leaves them out)."""
+    flops = (4 * parameters + 2 * trainable) * tokens + 12 * layers * hidden * attention_units
+    if recompute:
+        flops += 2 * parameters * tokens + 4 * layers * hidden * attention_units
+    return flops
+
+
+def real_token_filter(model) -> int | None:
+    """The pad token id when it marks padding alone (it is set and is not also the eos or bos token,
+    which real text contains), else None: then rows without an attention mask count every position."""
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    text = []
+    for name in ("eos_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        text += value if isinstance(value, list) else [value]
+    return None if pad is None or pad in text else pad
 
 
 def model_shape(model) -> tuple[int, int]:
@@ -179,7 +228,9 @@ class TrainingMonitor(TrainerCallback):
             if self.peak_tflops is None:
                 print0(f"No peak FLOPs known for {torch.cuda.get_device_name()}: pass --peak_tflops to log MFU")
         self.hook = None
-        self.counts = None  # [tokens, sequences, tokens * sequence length] since the last log, this rank
+        self.counts = None  # [tokens, trained tokens, attention units] since the last log, this rank, on its device
+        self.pad_token_id = None  # set at train begin: real_token_filter
+        self.sequences = 0.0  # rows since the last log, this rank (a host number: shapes need no device)
         self.last_time = self.last_step = None
         self.config_logged = False
         self.samples = []  # [step, prompt, completion] rows; WandB tables cannot grow, so each log resends all
@@ -189,20 +240,25 @@ class TrainingMonitor(TrainerCallback):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not (module.training and torch.is_grad_enabled()) or not isinstance(input_ids, torch.Tensor):
             return  # eval, generation, a reference model's no-grad pass
-        tokens = counted_tokens(input_ids, kwargs.get("attention_mask"))
-        # Under --sequence_parallel_size N each rank holds 1/N of every sequence: its tokens are its own
-        # (summed over ranks they count once), but a sequence is shared by N ranks and is as long as N slices.
-        split = getattr(self.args, "sequence_parallel_size", 1)
-        batch = torch.stack([torch.as_tensor(tokens, device=input_ids.device, dtype=torch.float64),
-                             torch.tensor(input_ids.shape[0] / split, device=input_ids.device, dtype=torch.float64)])
-        batch = torch.cat([batch, batch[:1] * input_ids.shape[-1] * split])
+        mask = kwargs.get("attention_mask")
+        real = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if real is None and self.pad_token_id is not None:
+            real = input_ids != self.pad_token_id
+        # Under --sequence_parallel_size N each rank holds 1/N of every sequence: its tokens (and their
+        # positions' 2p+1) are its own, summed over ranks they count once; a sequence is shared by N ranks.
+        batch = batch_counts(input_ids, real, kwargs.get("position_ids"), kwargs.get("labels"),
+                             kwargs.get("shift_labels"))
         self.counts = batch if self.counts is None else self.counts + batch
+        self.sequences += input_ids.shape[0] / getattr(self.args, "sequence_parallel_size", 1)
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = self.trainer.model
         self.hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         self.parameters, self.trainable = matmul_parameter_counts(model)
         self.layers, self.hidden = model_shape(model)
+        self.pad_token_id = real_token_filter(model)
+        self.recompute = bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None)
+                              or getattr(model, "is_activation_checkpointing", False))  # set by HF's enable call
         self.last_time, self.last_step = time.perf_counter(), state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -233,15 +289,16 @@ class TrainingMonitor(TrainerCallback):
     def _interval_metrics(self, state) -> dict:
         device = self.args.device
         local = torch.zeros(3, dtype=torch.float64, device=device) if self.counts is None else self.counts.to(device)
-        local = torch.cat([local, torch.tensor([float(peak_memory_bytes(device))], dtype=torch.float64, device=device)])
+        host = torch.tensor([self.sequences, float(peak_memory_bytes(device))], dtype=torch.float64)
+        local = torch.cat([local, host.to(device)])
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             gathered = [torch.zeros_like(local) for _ in range(world)]
             dist.all_gather(gathered, local)
             every = torch.stack(gathered)
-            local = torch.cat([every[:, :3].sum(0), every[:, 3].max().unsqueeze(0)])
-        tokens, sequences, token_positions, memory = local.tolist()
-        self.counts = None
+            local = torch.cat([every[:, :4].sum(0), every[:, 4].max().unsqueeze(0)])
+        tokens, trained, units, sequences, memory = local.tolist()
+        self.counts, self.sequences = None, 0.0
         now, steps = time.perf_counter(), max(state.global_step - self.last_step, 1)
         seconds = max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, state.global_step
@@ -252,15 +309,15 @@ class TrainingMonitor(TrainerCallback):
             "tokens_per_second": tokens / seconds,
             "tokens_per_second_per_device": tokens / seconds / world,
             "samples_per_second": sequences / seconds,
+            **({"trained_tokens_per_second": trained / seconds} if trained else {}),
             "step_time": seconds / steps,
             "peak_memory_gb": memory / 2**30,
         }
         if self.peak_tflops:
-            # Sequence lengths vary between batches: the weights' share per token, then attention's
-            # share summed over the tokens at their own batch's length.
-            flops = (training_flops_per_token(self.parameters, self.trainable, 0, 0, 0) * tokens
-                     + training_flops_per_token(0, 0, self.layers, self.hidden, 1) * token_positions)
-            metrics["mfu"] = flops / seconds / (self.peak_tflops * 1e12 * world)
+            peak = seconds * self.peak_tflops * 1e12 * world
+            shape = (self.parameters, self.trainable, self.layers, self.hidden, tokens, units)
+            metrics["mfu"] = training_flops(*shape) / peak
+            metrics["hfu"] = training_flops(*shape, recompute=self.recompute) / peak
         return metrics
 
     # ---- sample generations ----

@@ -87,7 +87,7 @@ class SpikeRollback(TrainerCallback):
         self.skip = (0, 0)  # steps in (first, last] run no forward pass
         self.lowered = (0, 0)  # steps in (first, last] train at spike_lr_factor x the scheduled rate
         self.step_loss = None  # this rank's loss for the current step (a device tensor: no sync per micro-batch)
-        self.nonfinite = False  # set by the NaN guard or the gradient-norm check during the current step
+        self.nonfinite = False  # set during the current step by the NaN guard (a device bool) or the gradient-norm check
         self.skipped_since_log = 0
         self.applied_lr = None
         self._training_step = trainer.training_step

@@ -68,6 +68,7 @@ def train_and_save(run: Run, trainer, tokenizer, resume: ResumePlan, processor=N
     if spikes:
         spikes.restore(resume.checkpoint)
     nonfinite = NonFiniteGuard(trainer, trainer.args.nonfinite_loss, spikes)
+    trainer.add_callback(nonfinite)  # before the gradient-norm check: a NaN loss is the cause to name
     trainer.add_callback(NumericalHealthCallback(trainer, spikes))
     if spikes:
         trainer.add_callback(spikes)  # after the gradient-norm check, which reports to it
