@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Sequence, Value
 
-from dstrain.data.cache import ProcessedDatasets, cap_validation, processed_datasets, skipped_records, split_by_marks
+from dstrain.data.cache import ProcessedDatasets, processed_datasets, skipped_records
 from dstrain.data.chat_template import IGNORE, tokenize_conversation
 from dstrain.data.image_records import read_image_conversations
 from dstrain.data.records import ReadStats
@@ -48,6 +48,7 @@ from dstrain.data.sft import (
     assistant_spans,
     describe,
     fit_to_length,
+    fitted_splits,
 )
 from dstrain.data.token_store import token_dtype
 from dstrain.distributed import print0
@@ -165,12 +166,7 @@ def _tokenize_and_fit_images(spec: ImageChatSpec, tokenizer, conversations: Data
     if sum(report["kept"] for report in reports.values()) == 0:
         raise UserError(f"every conversation is longer than --max_length {spec.max_length} before its first reply "
                         "ends (image tokens included); raise --max_length")
-    fitted = fitted.filter(lambda fits: [fit != DROPPED for fit in fits], input_columns="fit", batched=True)
-    fitted = cap_validation(fitted.remove_columns(["fit", "first_reply_end"]), spec.max_validation_tokens)
-    splits = split_by_marks(fitted, with_validation=spec.holds_out)
-    if "validation" in splits and len(splits["validation"]) == 0:
-        raise UserError("the validation split holds no conversation: raise --validation_split_percentage "
-                        "or give --validation_files")
+    splits = fitted_splits(fitted, spec)
     for name, split in splits.items():
         reports[name] |= _token_counts(split) | _image_counts(split) | {
             "image_token_id": int(spec.processor.image_token_id)}

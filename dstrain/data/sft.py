@@ -271,12 +271,7 @@ def _tokenize_fit_pack(spec: ChatSpec, tokenizer, conversations: Dataset) -> Pro
     if kept == 0:
         raise UserError(f"every conversation is longer than --max_length {spec.max_length} "
                         "before its first reply ends; raise --max_length")
-    fitted = fitted.filter(lambda fits: [fit != DROPPED for fit in fits], input_columns="fit", batched=True)
-    fitted = cap_validation(fitted.remove_columns(["fit", "first_reply_end"]), spec.max_validation_tokens)
-    splits = split_by_marks(fitted, with_validation=spec.holds_out)
-    if "validation" in splits and len(splits["validation"]) == 0:
-        raise UserError("the validation split holds no conversation: raise --validation_split_percentage "
-                        "or give --validation_files")
+    splits = fitted_splits(fitted, spec)
     if spec.packing:
         splits = {name: packed_rows(split, spec.max_length) for name, split in splits.items()}
     for name, split in splits.items():
@@ -290,6 +285,18 @@ def _processes(workers: int | None, rows: int) -> int | None:
     if rows < 20_000:
         return None
     return workers or len(os.sched_getaffinity(0))
+
+
+def fitted_splits(fitted, spec) -> dict:
+    """The conversations that fit (kept or truncated), validation capped to --max_validation_tokens, split
+    into train/validation by their marks (text and image-text chats alike)."""
+    fitted = fitted.filter(lambda fits: [fit != DROPPED for fit in fits], input_columns="fit", batched=True)
+    fitted = cap_validation(fitted.remove_columns(["fit", "first_reply_end"]), spec.max_validation_tokens)
+    splits = split_by_marks(fitted, with_validation=spec.holds_out)
+    if "validation" in splits and len(splits["validation"]) == 0:
+        raise UserError("the validation split holds no conversation: raise --validation_split_percentage "
+                        "or give --validation_files")
+    return splits
 
 
 def _tokenize_and_fit(batch: dict, tokenizer, max_length: int) -> dict:
