@@ -300,3 +300,47 @@ def test_stop_strings_are_cut_at_the_first_to_complete_however_the_text_is_split
             assert final[0].startswith("".join(released)), (stops, pieces)  # nothing released that is cut later
         released.append(text_filter.flush())
         assert ("".join(released), text_filter.stopped) == final, (stops, pieces)
+
+
+def test_image_requests_joining_a_running_batch_get_the_tokens_generate_gives_them_alone(tmp_path, image_text_model):
+    """An image-text model's requests carry their images into the running batch, which shows them to the
+    model at prefill only: a red and a blue image's requests, the second joining while the first decodes,
+    each get `generate`'s greedy tokens on that prompt and image alone (and the two images' answers differ,
+    so the images did reach the model)."""
+    from dstrain.infer.images import image_prompt_ids, open_image, pixel_inputs
+    from tests.tiny_multimodal import COLOURS, QUESTION, write_image
+
+    loaded = load_inference_model(str(image_text_model), device="cpu")
+    messages = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    images = [open_image(str(write_image(tmp_path / f"{name}.png", COLOURS[name]))) for name in ("red", "blue")]
+    prompts = [image_prompt_ids(loaded, messages, [image]) for image in images]
+    sampling = greedy(12, ignore_eos=True)
+    stops = stop_token_ids(loaded.model, loaded.tokenizer, True)
+
+    def generate_alone(prompt, image):
+        output = loaded.model.generate(torch.tensor([prompt]), **pixel_inputs(loaded, [[image]]), do_sample=False,
+                                       max_new_tokens=12, min_new_tokens=12, eos_token_id=stops,
+                                       pad_token_id=loaded.tokenizer.pad_token_id)
+        return output[0, len(prompt):].tolist()
+
+    expected = [generate_alone(prompt, image) for prompt, image in zip(prompts, images)]
+    assert expected[0] != expected[1]
+
+    engine = GenerationEngine(loaded, max_batch_size=4, max_queue=8).start()
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+            requests = []
+            for prompt, image in zip(prompts, images):
+                while requests and engine.steps_run < 3:
+                    await asyncio.sleep(0.001)
+                request = GenerationRequest(prompt, sampling, True, None, loop, loop.create_future(), images=[image])
+                engine.submit(request)
+                requests.append(request)
+            return [await request.done for request in requests], requests
+
+        completions, requests = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert [completion.token_ids for completion in completions] == expected
+    assert requests[1].joined_running == 1
