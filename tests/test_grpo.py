@@ -344,6 +344,9 @@ def test_a_reward_that_raises_on_one_rank_stops_both_ranks_with_one_line(grpo_in
                        "--reward_funcs", f"{grpo_inputs['rewards']}:fails_on_rank_1", "--reward_weights", 1)
     result = run_deepspeed("grpo.py", *flags, timeout=180, env=script_env())
     message = f"error: reward {grpo_inputs['rewards']}:fails_on_rank_1 raised ValueError: judge crashed on rank 1"
-    assert_clean_error(result, message)
-    assert "error: a reward function failed on another rank" in result.stderr
+    assert_clean_error(result)
+    # Each rank prints its own line; which reaches the launcher's stderr first is up to the scheduler.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert any(line.startswith(message) for line in errors), errors
+    assert any(line.startswith("error: a reward function failed on another rank") for line in errors), errors
     assert not (output_dir / "model.safetensors").exists()
