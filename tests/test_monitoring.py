@@ -199,7 +199,7 @@ def test_matmul_parameters_skip_only_an_untied_input_embedding():
     ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
     ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L40S", 362), ("NVIDIA L40", 181),
     ("NVIDIA L4", 121), ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165), ("Tesla V100-SXM2-32GB", 125),
-    ("NVIDIA A10G", None), ("NVIDIA GH200 480GB", 989), ("Some New Accelerator", None),
+    ("NVIDIA RTX 6000 Ada Generation", 364), ("NVIDIA RTX A6000", 155), ("NVIDIA A10G", None), ("NVIDIA GH200 480GB", 989), ("Some New Accelerator", None),
 ])
 def test_peak_tflops_table(name, tflops):
     assert peak_tflops_for(name) == tflops

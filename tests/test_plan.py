@@ -89,3 +89,10 @@ def test_plan_prints_the_memory_and_the_verdict():
 def test_plan_refuses_an_unknown_gpu_in_one_line():
     assert_clean_error(run_main_in_process("plan.py", "--gpu", "H1000"), "--gpu H1000: not in the table")
     assert_clean_error(run_main_in_process("plan.py", "--mfu", "1.5"), "--mfu must be in (0, 1]")
+
+
+def test_plan_and_mfu_use_the_same_peaks():
+    """plan.py's GPU table and the MFU monitor's device lookup give every GPU the same peak."""
+    from dstrain.train.monitoring import peak_tflops_for
+
+    assert {name: peak_tflops_for(name) for name in GPUS} == {name: peak for name, (peak, _) in GPUS.items()}

@@ -62,6 +62,7 @@ PEAK_TFLOPS = [
     (r"\bL40\b", 181.0),
     (r"\bL4\b", 121.0),
     (r"\bA10\b", 125.0),
+    (r"\bRTX ?6000 ?Ada\b", 364.0),  # "NVIDIA RTX 6000 Ada Generation"
     (r"\bA6000\b", 155.0),
     (r"\b4090\b", 165.0),
     (r"\b3090\b", 71.0),

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 # NVIDIA H100 / H200 (SXM: 989 TFLOPs, "1,979 with sparsity"; H100 PCIe 756), A100 (312; 40 or 80 GB),
 # L40S (362), L40 (181), L4 (121), A10 (125), RTX 6000 Ada (364), GeForce RTX 4090 (165, the Ada
 # whitepaper's FP16/BF16 with FP32 accumulate: 330 sparse), B200 (2,250, HGX B200's 180 GB per GPU),
-# AMD MI300X (1,307, 192 GB). The same peaks as dstrain/train/monitoring.py's PEAK_TFLOPS, which MFU uses.
+# AMD MI300X (1,307, 192 GB). The same peaks as dstrain/train/monitoring.py's PEAK_TFLOPS, which MFU uses
+# (a test keeps the two equal; this module does not import that one, to stay light).
 GPUS = {
     "B200": (2250.0, 180),
     "H200": (989.0, 141),
