@@ -44,10 +44,12 @@ def prompt_ids(loaded: InferenceModel, messages: list[dict], images: list | None
 
 
 def with_placeholders(loaded: InferenceModel, text: str, images: list) -> str:
-    """A user message with an image token per image: the text's own, or one per image before it."""
-    if not images or text.count(image_token(loaded)):
-        return text
-    return image_token(loaded) * len(images) + "\n" + text
+    return with_image_tokens(text, len(images), image_token(loaded)) if images else text
+
+
+def with_image_tokens(text: str, count: int, token: str = "<image>") -> str:
+    """A user message with an image token per image: the text's own, or `count` of them before it."""
+    return text if not count or token in text else token * count + "\n" + text
 
 
 def room_to_generate(loaded: InferenceModel, prompt_tokens: int, max_new_tokens: int) -> int:
@@ -175,10 +177,7 @@ def _question(record, where: str, system: str | None, base_dir: Path | None = No
     own_system = record.get("system", system)
     if own_system is not None and not isinstance(own_system, str):
         raise BadRecord(f"{where}: 'system' must be a string")
-    if images and "<image>" not in question:
-        question_text = "<image>" * len(images) + "\n" + question  # LLaVA's token; checked against the model's later
-    else:
-        question_text = question
+    question_text = with_image_tokens(question, len(images))  # LLaVA's token; checked against the model's later
     return Question(where, conversation(own_system, [], question_text), echo | {"question": question}, record, images)
 
 
