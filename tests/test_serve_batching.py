@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from dstrain.infer.engine import GenerationEngine, GenerationRequest
 from dstrain.infer.generation import chat_prompt_ids, stop_token_ids, text_prompt_ids
+from dstrain.infer.images import pixel_inputs
 from dstrain.infer.model_loading import load_inference_model
 from dstrain.infer.sampling import Sampling
 from tests.tiny_chat_models import QUESTION, REPLIES, chat, trained_models
@@ -50,10 +51,12 @@ def greedy(n: int, **extra) -> Sampling:
     return Sampling(max_new_tokens=n, temperature=0, seed=None, **extra)
 
 
-def alone(loaded, prompt: list[int], sampling: Sampling, chat_: bool = False, adapter=None) -> list[int]:
-    """What transformers' `generate` gives for this prompt on its own."""
+def alone(loaded, prompt: list[int], sampling: Sampling, chat_: bool = False, adapter=None, images=None) -> list[int]:
+    """What transformers' `generate` gives for this prompt (and an image-text model's images) on its own."""
     stops = stop_token_ids(loaded.model, loaded.tokenizer, chat_)
     extra = {"adapter_names": [adapter]} if adapter else {}
+    if images:
+        extra |= pixel_inputs(loaded, [images])
     if sampling.ignore_eos:
         extra["min_new_tokens"] = sampling.max_new_tokens
     output = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=sampling.max_new_tokens, do_sample=False,
@@ -307,7 +310,7 @@ def test_image_requests_joining_a_running_batch_get_the_tokens_generate_gives_th
     model at prefill only: a red and a blue image's requests, the second joining while the first decodes,
     each get `generate`'s greedy tokens on that prompt and image alone (and the two images' answers differ,
     so the images did reach the model)."""
-    from dstrain.infer.images import image_prompt_ids, open_image, pixel_inputs
+    from dstrain.infer.images import image_prompt_ids, open_image
     from tests.tiny_multimodal import COLOURS, QUESTION, write_image
 
     loaded = load_inference_model(str(image_text_model), device="cpu")
@@ -315,15 +318,7 @@ def test_image_requests_joining_a_running_batch_get_the_tokens_generate_gives_th
     images = [open_image(str(write_image(tmp_path / f"{name}.png", COLOURS[name]))) for name in ("red", "blue")]
     prompts = [image_prompt_ids(loaded, messages, [image]) for image in images]
     sampling = greedy(12, ignore_eos=True)
-    stops = stop_token_ids(loaded.model, loaded.tokenizer, True)
-
-    def generate_alone(prompt, image):
-        output = loaded.model.generate(torch.tensor([prompt]), **pixel_inputs(loaded, [[image]]), do_sample=False,
-                                       max_new_tokens=12, min_new_tokens=12, eos_token_id=stops,
-                                       pad_token_id=loaded.tokenizer.pad_token_id)
-        return output[0, len(prompt):].tolist()
-
-    expected = [generate_alone(prompt, image) for prompt, image in zip(prompts, images)]
+    expected = [alone(loaded, prompt, sampling, True, images=[image]) for prompt, image in zip(prompts, images)]
     assert expected[0] != expected[1]
 
     engine = GenerationEngine(loaded, max_batch_size=4, max_queue=8).start()
